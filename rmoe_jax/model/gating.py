@@ -1,0 +1,62 @@
+"""Gating math, in float32: softmax, top-k, renormalisation, aux losses, routing statistics.
+
+Shapes: N tokens, E experts, k chosen experts per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def top_k_gating(logits: jax.Array, top_k: int, renormalize: bool = True
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax over experts, then the k largest.
+
+    Args: logits `[N, E]`.
+    Returns: probs `[N, E]` (full softmax), weights `[N, k]`, indices `[N, k]` int32.
+    With `renormalize` the k weights sum to 1 (Mixtral style).
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, indices = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, indices.astype(jnp.int32)
+
+
+def expert_fractions(indices: jax.Array, num_experts: int) -> jax.Array:
+    """f_e: fraction of the N*k routing slots that go to expert e. `[N, k]` -> `[E]`."""
+    counts = jnp.zeros((num_experts,), jnp.float32).at[indices.reshape(-1)].add(1.0)
+    return counts / indices.size
+
+
+def load_balance_loss(fractions: jax.Array, mean_probs: jax.Array) -> jax.Array:
+    """Switch loss E * sum_e f_e P_e; 1.0 when routing is perfectly balanced.
+
+    Args: fractions `[..., E]` (f, sums to 1), mean_probs `[..., E]` (P, mean softmax prob).
+    """
+    num_experts = fractions.shape[-1]
+    return num_experts * jnp.sum(fractions * mean_probs, axis=-1)
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+    """Router z-loss: mean over tokens of logsumexp(logits)^2. `[N, E]` -> scalar."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def routing_stats(probs: jax.Array, top_k: int) -> dict[str, jax.Array]:
+    """Per-layer diagnostics from the full softmax `[N, E]` (PAPER.md section 6).
+
+    gate_entropy: mean of -sum g ln g; top1_top2_ratio: median of p1/p2 (inner balance);
+    topk_weight_sum: mean of the sum of the top-k probabilities before renormalisation
+    (outer balance).
+    """
+    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+    top2 = jax.lax.top_k(probs, min(2, probs.shape[-1]))[0]
+    ratio = top2[:, 0] / jnp.maximum(top2[:, -1], 1e-30)
+    topk = jax.lax.top_k(probs, top_k)[0]
+    return {
+        "gate_entropy": jnp.mean(entropy),
+        "top1_top2_ratio": jnp.median(ratio),
+        "topk_weight_sum": jnp.mean(jnp.sum(topk, axis=-1)),
+    }

@@ -1,0 +1,190 @@
+"""The Llama-style MoE decoder: attention, one decoder layer, the `nn.scan`ned stack, the LM.
+
+Layer i: h = x + Attn(RMSNorm(x)); y = h + MoE(RMSNorm(h), router_state).
+The layers are one `nn.scan` whose carry is `(hidden, router_state)`; per-layer params are
+stacked on a leading `layers` axis. Parameters shared by every layer's router (the RMoE cell,
+an S-proj projector) are created once outside the scan and broadcast into it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rmoe_jax.model import gating
+from rmoe_jax.model.moe import MoEBlock
+from rmoe_jax.model.routers import SharedRouterParams, router_state_size
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_moe": jax.checkpoint_policies.save_only_these_names("moe_expert_out", "router_logits"),
+}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; param `scale` `[d]` starts at ones."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """RoPE in HF Llama's `rotate_half` layout (pairs dim j with j + head_dim/2).
+
+    Args: x `[batch, seq, heads, head_dim]`, positions `[batch, seq]` int.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, s, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE and grouped-query heads (no biases)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x, positions):
+        """x `[batch, seq, d]`, positions `[batch, seq]` -> `[batch, seq, d]`."""
+
+        def proj(heads, name):
+            return nn.DenseGeneral((heads, self.head_dim), use_bias=False, dtype=self.dtype,
+                                   param_dtype=self.param_dtype,
+                                   kernel_init=nn.initializers.normal(self.init_std), name=name)
+
+        query = rotary_embedding(proj(self.num_heads, "query")(x), positions, self.rope_theta)
+        key = rotary_embedding(proj(self.num_kv_heads, "key")(x), positions, self.rope_theta)
+        value = proj(self.num_kv_heads, "value")(x)
+        attended = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+        out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              kernel_init=nn.initializers.normal(self.init_std), name="out")
+        return out(attended)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm layer. Scanned: carry `(hidden, router_state)`, output this layer's aux."""
+
+    config: ml_collections.FrozenConfigDict  # the model sub-config
+
+    @nn.compact
+    def __call__(self, carry, shared, positions, deterministic):
+        cfg = self.config
+        hidden, router_state = carry
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)  # noqa: E731
+        head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+        attention = Attention(cfg.num_heads, cfg.num_kv_heads, head_dim, cfg.rope_theta, dtype,
+                              param_dtype, cfg.init_std, name="attention")
+        dropout = nn.Dropout(cfg.dropout_rate)
+
+        attended = attention(norm("attention_norm")(hidden), positions)
+        hidden = hidden + dropout(attended, deterministic=deterministic)
+        moe = MoEBlock(cfg.moe, cfg.router, dtype, param_dtype, cfg.init_std, name="moe")
+        moe_out, router_state, layer_aux = moe(norm("moe_norm")(hidden), router_state, shared)
+        hidden = hidden + dropout(moe_out, deterministic=deterministic)
+        return (hidden, router_state), layer_aux
+
+
+def _layer_stack(config: ml_collections.FrozenConfigDict):
+    layer = DecoderLayer
+    if config.remat_policy != "none":
+        layer = nn.remat(layer, policy=REMAT_POLICIES[config.remat_policy],
+                         prevent_cse=False, static_argnums=(4,))
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=config.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def aggregate_aux(layer_aux: dict, moe: ml_collections.FrozenConfigDict) -> dict:
+    """Combine per-layer outputs (leading axis L) into the losses and stats the trainer logs.
+
+    balance_aggregation: 'sum' over layers (the enwik8 code), 'mean', or 'concat' (the
+    official HF port: f and P pooled over all layers' tokens, then one loss).
+    """
+    per_layer = gating.load_balance_loss(layer_aux["fractions"], layer_aux["mean_probs"])
+    if moe.balance_aggregation == "sum":
+        balance = jnp.sum(per_layer)
+    elif moe.balance_aggregation == "mean":
+        balance = jnp.mean(per_layer)
+    else:
+        balance = gating.load_balance_loss(jnp.mean(layer_aux["fractions"], axis=0),
+                                           jnp.mean(layer_aux["mean_probs"], axis=0))
+    z = jnp.mean(layer_aux["z_loss"])
+    stats = {
+        "expert_load": layer_aux["fractions"],
+        "balance_loss_per_layer": per_layer,
+        **{name: layer_aux[name] for name in
+           ("gate_entropy", "top1_top2_ratio", "topk_weight_sum", "dropped_fraction", "z_loss")},
+    }
+    return {
+        "aux_loss": moe.balance_coef * balance + moe.z_loss_coef * z,
+        "balance_loss": balance,
+        "z_loss": z,
+        "stats": stats,
+    }
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE LM.
+
+    __call__(inputs `[batch, seq]` int32, deterministic) ->
+      (logits `[batch, seq, vocab]` float32, aux) with aux = {'aux_loss' (coefficient-weighted,
+      add to the LM loss), 'balance_loss', 'z_loss', 'stats' (per-layer arrays `[L, ...]`)}.
+    """
+
+    config: ml_collections.FrozenConfigDict  # the model sub-config
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool = True, positions=None):
+        cfg = self.config
+        batch, seq = inputs.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                         embedding_init=nn.initializers.normal(cfg.init_std), name="embed")
+        hidden = nn.Dropout(cfg.dropout_rate)(embed(inputs), deterministic=deterministic)
+
+        shared = {}
+        if cfg.router.name == "recurrent":
+            shared = SharedRouterParams(cfg.router, cfg.d_model, cfg.init_std, name="router_shared")()
+        router_state = jnp.zeros((batch * seq, router_state_size(cfg.router)), jnp.float32)
+
+        stack = _layer_stack(cfg)(cfg, name="layers")
+        (hidden, _), layer_aux = stack((hidden, router_state), shared, positions, deterministic)
+
+        hidden = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(hidden)
+        if cfg.tie_embeddings:
+            logits = embed.attend(hidden)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=nn.initializers.normal(cfg.init_std), name="lm_head")(hidden)
+        return logits.astype(jnp.float32), aggregate_aux(layer_aux, cfg.moe)
