@@ -1,0 +1,11 @@
+"""The TFDS builders this project owns, one module per dataset.
+
+Importing this package registers `shakespeare` and `enwik8` with TFDS, so
+`tfds.data_source('shakespeare', split=..., data_dir=...)` finds them by name.
+"""
+
+from rmoe_jax.data.builders import enwik8, shakespeare
+
+OWN_DATASETS = ("shakespeare", "enwik8")
+
+__all__ = ["OWN_DATASETS", "enwik8", "shakespeare"]

@@ -1,0 +1,253 @@
+"""Batches for training and evaluation, from a data sub-config.
+
+    data config -> documents (sources) -> tokens (tokenizers) -> one stream per split
+                -> windows of seq_len + 1 (packing) -> batches (grain)
+
+Every batch is `{'inputs': int32 [B, L], 'targets': int32 [B, L], 'weights': float32 [B, L]}`
+with B the PER-PROCESS batch size and L = `data.seq_len`; weights are 0 on padding.
+
+Per-process sharding: window w belongs to process `w % process_count` (train and eval), so
+the processes' windows are disjoint and together cover the split.
+
+The tokenized stream of a split is cached in memory per process (keyed by everything it
+depends on), so repeated evals do not re-read or re-tokenize.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import threading
+import time
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rmoe_jax.data import sources
+from rmoe_jax.data.packing import PackedWindows, concat_documents
+from rmoe_jax.data.tokenizers import Tokenizer, make_tokenizer
+
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model needs to agree with: the vocabulary, and the tokenizer itself."""
+
+    dataset: str
+    vocab_size: int
+    tokenizer: Tokenizer
+    seq_len: int
+    pad_id: int
+    bos_id: int | None  # document separator, None when documents are simply concatenated
+
+
+def dataset_info(data: ml_collections.ConfigDict) -> DatasetInfo:
+    """Vocabulary and tokenizer of `data`; reads no dataset (only a SentencePiece model)."""
+    tokenizer = make_tokenizer(data)
+    return DatasetInfo(dataset=data.dataset, vocab_size=tokenizer.vocab_size,
+                       tokenizer=tokenizer, seq_len=data.seq_len, pad_id=tokenizer.pad_id,
+                       bos_id=tokenizer.bos_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    tokens: np.ndarray  # [N], read-only, tokenizer.stream_dtype
+    num_documents: int
+    num_bytes: int
+
+
+_CACHE: collections.OrderedDict[tuple, _Stream] = collections.OrderedDict()
+_CACHE_SIZE = 8
+_CACHE_LOCK = threading.Lock()
+
+
+def _stream_key(data: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> tuple:
+    """Everything the tokenized stream depends on (the model file's mtime included)."""
+    model = getattr(tokenizer, "model_path", None)
+    return (data.dataset, sources.resolve_data_dir(data.data_dir), split,
+            sources.text_feature(data), data.enwik8_train_bytes, data.enwik8_validation_bytes,
+            data.enwik8_test_bytes, data.tokenizer, model,
+            os.stat(model).st_mtime_ns if model else None)
+
+
+def _load_stream(data: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> _Stream:
+    key = _stream_key(data, split, tokenizer)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    start = time.perf_counter()
+    docs = sources.read_documents(data, split)
+    tokens = concat_documents(tokenizer.encode_batch(docs), tokenizer.bos_id,
+                              tokenizer.stream_dtype)
+    tokens.flags.writeable = False  # shared through the cache: nobody may modify it
+    stream = _Stream(tokens, len(docs), sum(len(d) for d in docs))
+    logging.info("%s/%s: %d documents, %d bytes -> %d tokens (%s) in %.2fs", data.dataset,
+                 split, stream.num_documents, stream.num_bytes, tokens.size, data.tokenizer,
+                 time.perf_counter() - start)
+    with _CACHE_LOCK:
+        _CACHE[key] = stream
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return stream
+
+
+def token_stream(data: ml_collections.ConfigDict, split: str) -> np.ndarray:
+    """The tokens [N] of `split`, documents concatenated (read-only, cached)."""
+    return _load_stream(data, split, make_tokenizer(data)).tokens
+
+
+def packed_windows(data: ml_collections.ConfigDict, split: str) -> PackedWindows:
+    """The (seq_len + 1)-token windows of `split`."""
+    tokenizer = make_tokenizer(data)
+    return PackedWindows(_load_stream(data, split, tokenizer).tokens, data.seq_len,
+                         tokenizer.pad_id)
+
+
+def split_stats(data: ml_collections.ConfigDict, split: str) -> dict[str, int]:
+    """Sizes of `split`: documents, raw bytes, tokens, windows, target tokens.
+
+    `num_bytes / num_targets` converts a per-token loss to a per-byte one (1 for bytes).
+    """
+    tokenizer = make_tokenizer(data)
+    stream = _load_stream(data, split, tokenizer)
+    windows = PackedWindows(stream.tokens, data.seq_len, tokenizer.pad_id)
+    return {"num_documents": stream.num_documents, "num_bytes": stream.num_bytes,
+            "num_tokens": int(stream.tokens.size), "num_windows": len(windows),
+            "num_targets": max(int(stream.tokens.size) - 1, 0)}
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if process_count <= 0 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                         f"{process_count})")
+
+
+class TrainIterator:
+    """Infinite, seeded, shuffled batches of one process; checkpointable.
+
+    Epoch e visits this process's windows in a permutation seeded by (seed, e), so each
+    epoch is reshuffled. `get_state()` is a JSON-serialisable dict; `set_state(state)` on a
+    fresh iterator of the same config makes it yield exactly what the original would have
+    yielded next. The state remembers the settings that define the order, and restoring it
+    into an iterator with different ones (seed, batch size, processes, data) is refused.
+    """
+
+    def __init__(self, windows: PackedWindows, *, batch_size: int, seed: int,
+                 process_index: int, process_count: int, fingerprint: dict):
+        ids = grain.MapDataset.range(len(windows))[process_index::process_count]
+        if len(ids) == 0:
+            raise ValueError(f"the split has {len(windows)} windows of seq_len+1 tokens, too "
+                             f"few for process {process_index} of {process_count}; use a "
+                             "larger split or a smaller data.seq_len")
+        self.num_windows = len(ids)  # this process's windows per epoch
+        self.fingerprint = dict(fingerprint)
+        dataset = (ids.shuffle(seed=seed)
+                   .repeat()  # reseeds the shuffle every epoch
+                   .batch(batch_size, drop_remainder=True)
+                   .map(windows.gather))  # one vectorized gather per batch of window ids
+        # Synchronous reads: a gather is a few numpy ops, threads would only add overhead
+        # and a prefetch buffer that must be accounted for in the state.
+        self._iter = dataset.to_iter_dataset(
+            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iter)
+
+    def get_state(self) -> dict:
+        return {"version": _STATE_VERSION, "fingerprint": self.fingerprint,
+                "grain": self._iter.get_state()}
+
+    def set_state(self, state: dict | str | bytes) -> None:
+        """Restore `get_state()` output (or its JSON encoding)."""
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')} is not "
+                             f"{_STATE_VERSION}")
+        saved = state["fingerprint"]
+        diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError("data iterator state was saved with different settings "
+                             "(field: saved vs now): " +
+                             ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+        self._iter.set_state(state["grain"])
+
+
+def make_train_iterator(data: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
+    """Infinite shuffled training batches of `data.train_split` for one process.
+
+    Args:
+      data: the data sub-config.
+      batch_size: sequences per batch on THIS process.
+      seed: shuffle seed, in [0, 2**32).
+      process_index, process_count: this process gets windows `w % process_count ==
+        process_index`.
+
+    Returns:
+      A `TrainIterator` yielding {'inputs', 'targets': int32 [batch_size, seq_len],
+      'weights': float32 [batch_size, seq_len]}.
+    """
+    _check_process(process_index, process_count)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    windows = packed_windows(data, data.train_split)
+    fingerprint = dict(dataset=data.dataset, split=data.train_split, tokenizer=data.tokenizer,
+                       seq_len=int(data.seq_len), num_windows=len(windows),
+                       batch_size=int(batch_size), seed=int(seed),
+                       process_index=int(process_index), process_count=int(process_count))
+    return TrainIterator(windows, batch_size=batch_size, seed=seed,
+                         process_index=process_index, process_count=process_count,
+                         fingerprint=fingerprint)
+
+
+class EvalBatches:
+    """A finite, re-iterable, in-order sequence of batches covering one process's windows."""
+
+    def __init__(self, windows: PackedWindows, window_ids: np.ndarray):
+        self.windows = windows
+        self.window_ids = window_ids  # int64 [num_batches, batch_size], -1 = padding
+
+    def __len__(self) -> int:
+        return int(self.window_ids.shape[0])
+
+    def __iter__(self):
+        for row in self.window_ids:
+            yield self.windows.gather(row)
+
+
+def make_eval_batches(data: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                      process_index: int = 0, process_count: int = 1,
+                      max_batches: int = 0) -> EvalBatches:
+    """Every window of `split`, in order, in batches of `batch_size`, for one process.
+
+    Over all processes, every target token of the split has weight 1 exactly once; the last
+    window and the last batch are padded with weight 0 (no truncation). Every process gets
+    the same number of batches, ceil(ceil(W / process_count) / batch_size), so a collective
+    eval step never waits on a process that ran out. `max_batches > 0` keeps only the first
+    `max_batches` of them.
+    """
+    _check_process(process_index, process_count)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    windows = packed_windows(data, split)
+    ids = np.arange(process_index, len(windows), process_count, dtype=np.int64)
+    per_process = -(-len(windows) // process_count)
+    num_batches = -(-per_process // batch_size)
+    padded = np.full(num_batches * batch_size, -1, dtype=np.int64)
+    padded[: ids.size] = ids
+    padded = padded.reshape(num_batches, batch_size)
+    if max_batches > 0:
+        padded = padded[:max_batches]
+    return EvalBatches(windows, padded)
