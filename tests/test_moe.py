@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmoe_jax.model import gating
-from rmoe_jax.model.moe import capacity_dispatch, dropless_dispatch, expert_capacity
+from rmoe_jax.model.dispatch import capacity_dispatch, dropless_dispatch, expert_capacity
 
 import numpy_reference as ref
 

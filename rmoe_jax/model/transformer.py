@@ -4,6 +4,14 @@ Layer i: h = x + Attn(RMSNorm(x)); y = h + MoE(RMSNorm(h), router_state).
 The layers are one `nn.scan` whose carry is `(hidden, router_state)`; per-layer params are
 stacked on a leading `layers` axis. Parameters shared by every layer's router (the RMoE cell,
 an S-proj projector) are created once outside the scan and broadcast into it.
+
+Decoding (`MoETransformer(config, decode=True)`): every attention layer keeps a KV cache in the
+flax `cache` collection (`cached_key`/`cached_value` `[batch, cache_len, kv_heads, head_dim]`,
+stacked on the `layers` axis like the params, and a `cache_index`). `init` with inputs of shape
+`[batch, cache_len]` creates an empty cache of that length; each later `apply(...,
+mutable=['cache'])` appends its `seq` tokens at the cache index (positions continue from it)
+and attends to everything cached so far. The router recurrence runs over layers within each
+token, so it needs no state across decode steps. See `rmoe_jax/model/decode.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ import ml_collections
 from rmoe_jax.model import gating
 from rmoe_jax.model.moe import MoEBlock
 from rmoe_jax.model.routers import SharedRouterParams, router_state_size
+from rmoe_jax.parallel import constrain
+
+ACTIVATION_AXES = ("batch", None, None)  # [batch, seq, d_model]
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -64,16 +75,22 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.02
+    decode: bool = False  # KV-cache mode (see the module docstring)
 
     @nn.compact
     def __call__(self, x, positions):
-        """x `[batch, seq, d]`, positions `[batch, seq]` -> `[batch, seq, d]`."""
+        """x `[batch, seq, d]`, positions `[batch, seq]` -> `[batch, seq, d]`.
+
+        With `decode`, `positions` is ignored: the tokens sit at `cache_index + arange(seq)`.
+        """
 
         def proj(heads, name):
             return nn.DenseGeneral((heads, self.head_dim), use_bias=False, dtype=self.dtype,
                                    param_dtype=self.param_dtype,
                                    kernel_init=nn.initializers.normal(self.init_std), name=name)
 
+        if self.decode:
+            return self._decode(x, proj)
         query = rotary_embedding(proj(self.num_heads, "query")(x), positions, self.rope_theta)
         key = rotary_embedding(proj(self.num_kv_heads, "key")(x), positions, self.rope_theta)
         value = proj(self.num_kv_heads, "value")(x)
@@ -83,11 +100,46 @@ class Attention(nn.Module):
                               kernel_init=nn.initializers.normal(self.init_std), name="out")
         return out(attended)
 
+    def _decode(self, x, proj):
+        """Append this call's keys/values to the cache, attend to the whole cache (causally)."""
+        batch, seq, d_model = x.shape
+        initialized = self.has_variable("cache", "cached_key")
+        kv_shape = (batch, seq, self.num_kv_heads, self.head_dim)
+        # Created by `init`: its input length is the cache length.
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, kv_shape, self.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, kv_shape, self.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        index = cache_index.value if initialized else jnp.zeros((), jnp.int32)
+        positions = jnp.broadcast_to(index + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        query = rotary_embedding(proj(self.num_heads, "query")(x), positions, self.rope_theta)
+        key = rotary_embedding(proj(self.num_kv_heads, "key")(x), positions, self.rope_theta)
+        value = proj(self.num_kv_heads, "value")(x)
+        if initialized:
+            start = (0, index, 0, 0)
+            cached_key.value = jax.lax.dynamic_update_slice(
+                cached_key.value, key.astype(cached_key.value.dtype), start)
+            cached_value.value = jax.lax.dynamic_update_slice(
+                cached_value.value, value.astype(cached_value.value.dtype), start)
+            cache_index.value = index + seq
+            key, value = cached_key.value, cached_value.value
+            # Query at position index + t sees cache slots 0 .. index + t (later ones are empty).
+            mask = jnp.arange(key.shape[1])[None, :] <= positions[0][:, None]  # [seq, cache_len]
+            attended = jax.nn.dot_product_attention(query, key.astype(query.dtype),
+                                                    value.astype(query.dtype),
+                                                    mask=mask[None, None])
+        else:
+            attended = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+        out = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              kernel_init=nn.initializers.normal(self.init_std), name="out")
+        return out(attended)
+
 
 class DecoderLayer(nn.Module):
     """One pre-norm layer. Scanned: carry `(hidden, router_state)`, output this layer's aux."""
 
     config: ml_collections.FrozenConfigDict  # the model sub-config
+    decode: bool = False
 
     @nn.compact
     def __call__(self, carry, shared, positions, deterministic):
@@ -97,25 +149,29 @@ class DecoderLayer(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)  # noqa: E731
         head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         attention = Attention(cfg.num_heads, cfg.num_kv_heads, head_dim, cfg.rope_theta, dtype,
-                              param_dtype, cfg.init_std, name="attention")
+                              param_dtype, cfg.init_std, self.decode, name="attention")
         dropout = nn.Dropout(cfg.dropout_rate)
 
+        hidden = constrain(hidden, ACTIVATION_AXES)
         attended = attention(norm("attention_norm")(hidden), positions)
         hidden = hidden + dropout(attended, deterministic=deterministic)
         moe = MoEBlock(cfg.moe, cfg.router, dtype, param_dtype, cfg.init_std, name="moe")
         moe_out, router_state, layer_aux = moe(norm("moe_norm")(hidden), router_state, shared)
         hidden = hidden + dropout(moe_out, deterministic=deterministic)
-        return (hidden, router_state), layer_aux
+        return (constrain(hidden, ACTIVATION_AXES), router_state), layer_aux
 
 
-def _layer_stack(config: ml_collections.FrozenConfigDict):
+def _layer_stack(config: ml_collections.FrozenConfigDict, decode: bool = False):
     layer = DecoderLayer
-    if config.remat_policy != "none":
+    if config.remat_policy != "none" and not decode:  # decoding computes no gradients
         layer = nn.remat(layer, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=False, static_argnums=(4,))
+    variable_axes = {"params": 0, "intermediates": 0}
+    if decode:
+        variable_axes["cache"] = 0  # one KV cache per layer, stacked like the params
     return nn.scan(
         layer,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes=variable_axes,
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=config.num_layers,
@@ -158,9 +214,13 @@ class MoETransformer(nn.Module):
     __call__(inputs `[batch, seq]` int32, deterministic) ->
       (logits `[batch, seq, vocab]` float32, aux) with aux = {'aux_loss' (coefficient-weighted,
       add to the LM loss), 'balance_loss', 'z_loss', 'stats' (per-layer arrays `[L, ...]`)}.
+
+    With `decode=True` the attention layers read and extend a KV cache (module docstring);
+    call `apply(..., mutable=['cache'])`. `positions` is then ignored.
     """
 
     config: ml_collections.FrozenConfigDict  # the model sub-config
+    decode: bool = False
 
     @nn.compact
     def __call__(self, inputs, deterministic: bool = True, positions=None):
@@ -172,13 +232,14 @@ class MoETransformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
                          embedding_init=nn.initializers.normal(cfg.init_std), name="embed")
         hidden = nn.Dropout(cfg.dropout_rate)(embed(inputs), deterministic=deterministic)
+        hidden = constrain(hidden, ACTIVATION_AXES)
 
         shared = {}
         if cfg.router.name == "recurrent":
             shared = SharedRouterParams(cfg.router, cfg.d_model, cfg.init_std, name="router_shared")()
         router_state = jnp.zeros((batch * seq, router_state_size(cfg.router)), jnp.float32)
 
-        stack = _layer_stack(cfg)(cfg, name="layers")
+        stack = _layer_stack(cfg, self.decode)(cfg, self.decode, name="layers")
         (hidden, _), layer_aux = stack((hidden, router_state), shared, positions, deterministic)
 
         hidden = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(hidden)

@@ -1,0 +1,87 @@
+"""Single-device dispatch of tokens to stacked SwiGLU experts: `capacity` and `dropless`.
+
+Experts are stacked arrays (`w1`, `w3`: `[E, d, f]`, `w2`: `[E, f, d]`); no per-expert loop.
+  capacity  GShard/Switch one-hot dispatch/combine einsums; each sequence is a group with
+            capacity C = ceil(k * seq * capacity_factor / E) slots per expert; slots are filled
+            top-1 choices first, then top-2, ... in token order; the rest are dropped.
+  dropless  sort the N*k (token, expert) assignments by expert, grouped matmul with
+            `jax.lax.ragged_dot`, unsort. Nothing is dropped.
+With a capacity large enough to drop nothing both give the same outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from rmoe_jax.parallel import constrain
+
+EXPERT_BUFFER_AXES = ("expert", "expert_group", None, None)  # [E, groups, capacity, d]
+
+ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # w1 [E,d,f], w3 [E,d,f], w2 [E,f,d]
+
+
+def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert per group of `group_size` tokens."""
+    return max(1, math.ceil(top_k * group_size * capacity_factor / num_experts))
+
+
+def capacity_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
+                      experts: ExpertWeights, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """One-hot dispatch/combine with a fixed capacity per expert and group.
+
+    Args: x `[G, S, d]` (G groups of S tokens), weights/indices `[G, S, k]`.
+    Returns: y `[G, S, d]`, kept `[G, S, k]` bool (False = dropped for lack of capacity).
+    """
+    w1, w3, w2 = experts
+    num_groups, group_size, top_k = indices.shape
+    num_experts = w1.shape[0]
+    expert_mask = jax.nn.one_hot(indices, num_experts, dtype=jnp.int32)  # [G,S,k,E]
+    # Slot-major order: every token's first choice is served before any second choice.
+    slot_major = expert_mask.transpose(0, 2, 1, 3).reshape(num_groups, top_k * group_size, -1)
+    position = (jnp.cumsum(slot_major, axis=1) - 1) * slot_major
+    position = position.reshape(num_groups, top_k, group_size, -1).transpose(0, 2, 1, 3).sum(-1)
+    kept = position < capacity  # [G,S,k]
+    slot = jax.nn.one_hot(position, capacity, dtype=x.dtype) * kept[..., None].astype(x.dtype)
+    mask = expert_mask.astype(x.dtype)
+    dispatch = jnp.einsum("gske,gskc->gsec", mask, slot)
+    combine = jnp.einsum("gske,gskc,gsk->gsec", mask, slot, weights.astype(x.dtype))
+    # Under a mesh these constraints move tokens to their experts' shards (an all-to-all) and back.
+    expert_in = constrain(jnp.einsum("gsec,gsd->egcd", dispatch, x), EXPERT_BUFFER_AXES)
+    hidden = nn.silu(jnp.einsum("egcd,edf->egcf", expert_in, w1)) * jnp.einsum(
+        "egcd,edf->egcf", expert_in, w3)
+    expert_out = checkpoint_name(jnp.einsum("egcf,efd->egcd", hidden, w2), "moe_expert_out")
+    expert_out = constrain(expert_out, EXPERT_BUFFER_AXES)
+    return jnp.einsum("gsec,egcd->gsd", combine, expert_out), kept
+
+
+def grouped_swiglu(sorted_x: jax.Array, experts: ExpertWeights, group_sizes: jax.Array) -> jax.Array:
+    """SwiGLU experts over rows already sorted by expert: rows [start_e, start_e + size_e) use
+    expert e; rows past sum(group_sizes) give zeros. `[rows, d]` -> `[rows, d]`."""
+    w1, w3, w2 = experts
+    hidden = nn.silu(jax.lax.ragged_dot(sorted_x, w1, group_sizes)) * jax.lax.ragged_dot(
+        sorted_x, w3, group_sizes)
+    return checkpoint_name(jax.lax.ragged_dot(hidden, w2, group_sizes), "moe_expert_out")
+
+
+def dropless_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
+                      experts: ExpertWeights) -> jax.Array:
+    """Sort by expert, grouped matmuls with `ragged_dot`, unsort.
+
+    Args: x `[N, d]`, weights/indices `[N, k]`. Returns y `[N, d]`.
+    """
+    w1, w3, w2 = experts
+    num_tokens, top_k = indices.shape
+    num_experts = w1.shape[0]
+    flat_expert = indices.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)
+    sorted_x = jnp.take(x, order // top_k, axis=0)  # [N*k, d]
+    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    sorted_out = grouped_swiglu(sorted_x, experts, group_sizes)
+    out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)
+    out = out.reshape(num_tokens, top_k, -1)
+    return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))
