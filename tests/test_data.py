@@ -257,17 +257,26 @@ def test_train_iterator_checkpoint_restores_exact_batches(shakespeare_dir):
 def test_train_process_shards_disjoint_and_covering(shakespeare_dir, process_count):
     data = small_train_data(shakespeare_dir)
     index = window_index(data)
-    shards = []
+    batch, steps = 4, 6
+    single = data_lib.make_train_iterator(data, batch_size=batch * process_count, seed=0)
+    expected = [batch_window_ids([b], index) for b in take(single, steps)]
+    per_process = []
     for p in range(process_count):
-        it = data_lib.make_train_iterator(data, batch_size=4, seed=0, process_index=p,
+        it = data_lib.make_train_iterator(data, batch_size=batch, seed=0, process_index=p,
                                           process_count=process_count)
-        ids = batch_window_ids(take(it, -(-it.num_windows // 4)), index)[:it.num_windows]
-        assert len(set(ids)) == it.num_windows  # one epoch visits each shard window once
-        shards.append(set(ids))
-    for i in range(process_count):
-        for j in range(i + 1, process_count):
-            assert not shards[i] & shards[j]
-    assert set().union(*shards) == set(range(len(index)))
+        per_process.append([batch_window_ids([b], index) for b in take(it, steps)])
+    for step in range(steps):
+        shards = [set(per_process[p][step]) for p in range(process_count)]
+        for i in range(process_count):
+            for j in range(i + 1, process_count):
+                assert not shards[i] & shards[j]  # disjoint
+        # ... and together exactly the global batch one process would see at that step.
+        assert list(np.concatenate([per_process[p][step] for p in range(process_count)])) == list(expected[step])
+    # One epoch of one process visits each of its windows once.
+    it = data_lib.make_train_iterator(data, batch_size=batch, seed=0, process_index=0,
+                                      process_count=process_count)
+    ids = batch_window_ids(take(it, it.num_windows // batch), index)
+    assert len(set(ids)) == len(ids) == it.num_windows
 
 
 # --- enwik8 -----------------------------------------------------------------------------------

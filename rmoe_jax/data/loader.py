@@ -6,8 +6,10 @@
 Every batch is `{'inputs': int32 [B, L], 'targets': int32 [B, L], 'weights': float32 [B, L]}`
 with B the PER-PROCESS batch size and L = `data.seq_len`; weights are 0 on padding.
 
-Per-process sharding: window w belongs to process `w % process_count` (train and eval), so
-the processes' windows are disjoint and together cover the split.
+Per-process sharding: in training every process walks the same seeded global order of windows
+and takes its own rows of each global batch (so a step sees the same data whatever the number
+of processes); in evaluation window w belongs to process `w % process_count`. Either way the
+processes' windows are disjoint and together cover the split.
 
 The tokenized stream of a split is cached in memory per process (keyed by everything it
 depends on), so repeated evals do not re-read or re-tokenize.
@@ -131,7 +133,7 @@ def _check_process(process_index: int, process_count: int) -> None:
 class TrainIterator:
     """Infinite, seeded, shuffled batches of one process; checkpointable.
 
-    Epoch e visits this process's windows in a permutation seeded by (seed, e), so each
+    Epoch e visits the windows in a permutation seeded by (seed, e), so each
     epoch is reshuffled. `get_state()` is a JSON-serialisable dict; `set_state(state)` on a
     fresh iterator of the same config makes it yield exactly what the original would have
     yielded next. The state remembers the settings that define the order, and restoring it
@@ -140,17 +142,20 @@ class TrainIterator:
 
     def __init__(self, windows: PackedWindows, *, batch_size: int, seed: int,
                  process_index: int, process_count: int, fingerprint: dict):
-        ids = grain.MapDataset.range(len(windows))[process_index::process_count]
-        if len(ids) == 0:
-            raise ValueError(f"the split has {len(windows)} windows of seq_len+1 tokens, too "
-                             f"few for process {process_index} of {process_count}; use a "
-                             "larger split or a smaller data.seq_len")
-        self.num_windows = len(ids)  # this process's windows per epoch
+        global_batch = batch_size * process_count
+        if len(windows) < global_batch:
+            raise ValueError(f"the split has {len(windows)} windows of seq_len+1 tokens, fewer "
+                             f"than one global batch of {global_batch}; use a larger split, a "
+                             "smaller data.seq_len or a smaller batch")
+        self.num_windows = len(windows) // global_batch * batch_size  # this process's, per epoch
         self.fingerprint = dict(fingerprint)
-        dataset = (ids.shuffle(seed=seed)
+        rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+        # Every process walks the same global order and takes its rows of each global batch,
+        # so the data a step sees does not depend on how many processes share it.
+        dataset = (grain.MapDataset.range(len(windows)).shuffle(seed=seed)
                    .repeat()  # reseeds the shuffle every epoch
-                   .batch(batch_size, drop_remainder=True)
-                   .map(windows.gather))  # one vectorized gather per batch of window ids
+                   .batch(global_batch, drop_remainder=True)
+                   .map(lambda ids: windows.gather(ids[rows])))  # one vectorized gather per batch
         # Synchronous reads: a gather is a few numpy ops, threads would only add overhead
         # and a prefetch buffer that must be accounted for in the state.
         self._iter = dataset.to_iter_dataset(
@@ -190,8 +195,8 @@ def make_train_iterator(data: ml_collections.ConfigDict, *, batch_size: int, see
       data: the data sub-config.
       batch_size: sequences per batch on THIS process.
       seed: shuffle seed, in [0, 2**32).
-      process_index, process_count: this process gets windows `w % process_count ==
-        process_index`.
+      process_index, process_count: this process gets rows [p * batch_size, (p + 1) *
+        batch_size) of each global batch of batch_size * process_count windows.
 
     Returns:
       A `TrainIterator` yielding {'inputs', 'targets': int32 [batch_size, seq_len],
