@@ -271,9 +271,6 @@ def train_problems(train: ml_collections.ConfigDict, prefix: str = "train") -> l
            f"must be >= 0 (0 = batch_size), got {train.eval_batch_size}")
     _check(p, train.inject_nan_at_step >= -1, f"{prefix}.inject_nan_at_step",
            f"must be -1 (off) or a step, got {train.inject_nan_at_step}")
-    _check(p, train.warmup_steps < train.num_steps or train.schedule == "constant",
-           f"{prefix}.warmup_steps", f"{train.warmup_steps} leaves no steps for the cosine decay "
-           f"(num_steps={train.num_steps})")
     return p
 
 

@@ -59,13 +59,37 @@ def capacity_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
     return jnp.einsum("gsec,egcd->gsd", combine, expert_out), kept
 
 
+GMM_TILE = 128  # megablox row tile; rows are padded up to a multiple of it
+
+
+def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The Pallas TPU grouped matmul JAX ships (megablox `gmm`, with its own backward)."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    rows = lhs.shape[0]
+    padded = -(-rows // GMM_TILE) * GMM_TILE  # gmm needs rows divisible by the row tile
+    lhs = jnp.pad(lhs, ((0, padded - rows), (0, 0)))
+    tiling = (GMM_TILE, min(GMM_TILE, lhs.shape[1]), min(GMM_TILE, rhs.shape[2]))
+    out = gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype, tiling=tiling)[:rows]
+    # gmm leaves rows outside every group undefined; ragged_dot's contract is zeros.
+    in_a_group = jnp.arange(rows) < jnp.sum(group_sizes)
+    return jnp.where(in_a_group[:, None], out, jnp.zeros((), out.dtype))
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Rows [start_e, start_e + size_e) of lhs `[rows, k]` times rhs[e] `[k, n]`; rows past
+    sum(group_sizes) give zeros. megablox `gmm` when lowered for TPU, `ragged_dot` elsewhere."""
+    return jax.lax.platform_dependent(lhs, rhs, group_sizes, tpu=_megablox_matmul,
+                                      default=jax.lax.ragged_dot)
+
+
 def grouped_swiglu(sorted_x: jax.Array, experts: ExpertWeights, group_sizes: jax.Array) -> jax.Array:
     """SwiGLU experts over rows already sorted by expert: rows [start_e, start_e + size_e) use
     expert e; rows past sum(group_sizes) give zeros. `[rows, d]` -> `[rows, d]`."""
     w1, w3, w2 = experts
-    hidden = nn.silu(jax.lax.ragged_dot(sorted_x, w1, group_sizes)) * jax.lax.ragged_dot(
+    hidden = nn.silu(grouped_matmul(sorted_x, w1, group_sizes)) * grouped_matmul(
         sorted_x, w3, group_sizes)
-    return checkpoint_name(jax.lax.ragged_dot(hidden, w2, group_sizes), "moe_expert_out")
+    return checkpoint_name(grouped_matmul(hidden, w2, group_sizes), "moe_expert_out")
 
 
 def dropless_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,

@@ -1,0 +1,79 @@
+"""The paper's 0.91B-parameter Llama-style MoE pre-training (Table 3; PAPER.md section 4).
+
+    python train.py --config configs/llama_0p91b.py --workdir runs/llama_rmoe
+    python train.py --config configs/llama_0p91b.py --workdir runs/llama_smoe \
+        --config.model.router.name=linear
+
+24 layers, d = 1280, 20 heads (RoPE, SwiGLU, RMSNorm), sequence 4096, no dropout, init std 0.02;
+16 experts of FFN 448, top-4; GRU router with p = 128 and no biases (projector and gate);
+vocabulary 96,512 (a sentencepiece model trained on the corpus); AdamW betas (0.9, 0.95),
+weight decay 0.1 (not on norms or biases), clip 1.0; lr 4.2e-4, 2000 warmup steps, cosine to
+4.2e-5; global batch 1120 sequences (4.6M tokens), 5000 steps (~23B tokens; the paper's "5k
+steps = 20B tokens"); balance loss 0.01 over all layers' logits concatenated (the official HF
+port's form); bfloat16 compute with float32 params.
+
+The data is a TFDS catalog dataset (C4 English) that must be prepared as array_record in
+`data.data_dir` first (`python -m rmoe_jax.data.prepare --dataset c4/en:3.1.0 --data_dir DIR`).
+Fit the batch to the hardware with `--config.train.grad_accum_steps=K` (the global batch stays
+1120) and the mesh with `--config.mesh.*`.
+"""
+
+from rmoe_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+
+    model = config.model
+    model.vocab_size = 96_512
+    model.d_model = 1280
+    model.num_layers = 24
+    model.num_heads = 20
+    model.num_kv_heads = 20
+    model.max_seq_len = 4096
+    model.rope_theta = 10000.0
+    model.dropout_rate = 0.0
+    model.init_std = 0.02
+    model.dtype = "bfloat16"
+    model.param_dtype = "float32"
+    model.remat_policy = "full"
+    model.moe.num_experts = 16
+    model.moe.top_k = 4
+    model.moe.expert_hidden = 448
+    model.moe.balance_coef = 0.01
+    model.moe.balance_aggregation = "concat"
+    router = model.router
+    router.name = "recurrent"
+    router.hidden_size = 128
+    router.bias = False
+    router.projector_bias = False
+    router.init = "normal"
+
+    data = config.data
+    data.dataset = "c4/en:3.1.0"
+    data.feature_key = "text"
+    data.tokenizer = "sentencepiece"
+    data.sentencepiece_vocab_size = 96_512
+    data.seq_len = 4096
+    data.eval_split = "validation"
+
+    train = config.train
+    train.batch_size = 1120
+    train.grad_accum_steps = 1
+    train.num_steps = 5000
+    train.learning_rate = 4.2e-4
+    train.schedule = "cosine"
+    train.warmup_steps = 2000
+    train.final_learning_rate = 4.2e-5
+    train.beta1 = 0.9
+    train.beta2 = 0.95
+    train.eps = 1e-8
+    train.weight_decay = 0.1
+    train.grad_clip_norm = 1.0
+    train.log_every = 10
+    train.eval_every = 500
+    train.eval_batches = 20
+    train.eval_batch_size = 64
+    train.checkpoint_every = 250
+    train.keep_checkpoints = 3
+    return config
