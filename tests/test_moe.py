@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rmoe_jax.model import gating
-from rmoe_jax.model.dispatch import capacity_dispatch, dropless_dispatch, expert_capacity
+from rmoe_jax.model.dispatch import (blocked_matmul, capacity_dispatch, dropless_dispatch, expert_capacity,
+                                     grouped_matmul)
 
 import numpy_reference as ref
 
@@ -139,3 +140,24 @@ def test_small_capacity_drops_what_numpy_counts():
 @pytest.mark.parametrize("group_size,expected", [(512, 80), (8, 2), (3, 1)])
 def test_expert_capacity(group_size, expected):
     assert expert_capacity(group_size, 16, 2, 1.25) == expected
+
+
+@pytest.mark.parametrize("group_sizes", [[5, 0, 7, 3], [0, 0, 0, 40], [9, 9, 9, 9], [1, 2, 3, 0]])
+def test_grouped_matmul_matches_a_per_group_loop(group_sizes):
+    rng = np.random.default_rng(4)
+    rows = 40  # more rows than sum(group_sizes) in some cases: those give zeros
+    lhs = rng.normal(size=(rows, 6)).astype(np.float32)
+    rhs = rng.normal(size=(4, 6, 5)).astype(np.float32)
+    expected = np.zeros((rows, 5), np.float32)
+    start = 0
+    for group, size in enumerate(group_sizes):
+        expected[start:start + size] = lhs[start:start + size] @ rhs[group]
+        start += size
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    for fn in (grouped_matmul, blocked_matmul, jax.lax.ragged_dot):
+        np.testing.assert_allclose(fn(jnp.asarray(lhs), jnp.asarray(rhs), sizes), expected, rtol=1e-5, atol=1e-5)
+    probe = rng.normal(size=(rows, 5)).astype(np.float32)
+    grads = [jax.grad(lambda l, r, f=f: jnp.sum(f(l, r, sizes) * probe), argnums=(0, 1))(lhs, rhs)
+             for f in (blocked_matmul, jax.lax.ragged_dot)]
+    for ours, reference in zip(*grads):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
