@@ -1,4 +1,8 @@
-"""Small model configs shared by the tests (kept tiny so compiles stay fast on 2 cores)."""
+"""Small model configs and params shared by the tests (kept tiny so compiles stay fast)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from rmoe_jax.config import model_config
 
@@ -28,3 +32,19 @@ def small_model(router: str = "recurrent", **overrides):
             node = node[name]
         node[leaf] = value
     return config
+
+
+def random_params(cfg, seed=0, scale=0.3):
+    """Random values for every param of `cfg`'s model (norm scales around 1), so that nothing
+    (a transposition, a dropped tensor) can hide behind an initialiser's zeros or ones."""
+    from rmoe_jax import export
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        x = rng.normal(size=leaf.shape) * scale
+        if str(getattr(path[-1], "key", "")) == "scale":
+            x = 1.0 + x
+        return jnp.asarray(x.astype(leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(draw, export.abstract_params(cfg))

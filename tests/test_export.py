@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from rmoe_jax import export
 from rmoe_jax.model import build_model
 
-from helpers import small_model
+from helpers import random_params, small_model
 
 # Every router and every option that changes params or the forward pass.
 VARIANTS = {
@@ -52,19 +52,6 @@ SPEC_NAMES = [re.compile(p) for p in (
     r"model\.layers\.\d+\.block_sparse_moe\.gate\.weight",
     r"model\.layers\.\d+\.block_sparse_moe\.weight[12]",
     r"model\.rnn_router\.(weight|bias)_[ih][rzn]")]
-
-
-def random_params(cfg, seed=0, scale=0.3):
-    """Random values for every param (norm scales around 1): nothing hides a transposition."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        x = rng.normal(size=leaf.shape) * scale
-        if str(getattr(path[-1], "key", "")) == "scale":
-            x = 1.0 + x
-        return x.astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, export.abstract_params(cfg))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -9,19 +9,7 @@ from rmoe_jax import export
 from rmoe_jax.generate import Generator, SamplingConfig, encode_prompt, sample_logits
 from rmoe_jax.model import build_model
 
-from helpers import small_model
-
-
-def random_params(cfg, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        x = rng.normal(size=leaf.shape) * scale
-        if str(getattr(path[-1], "key", "")) == "scale":
-            x = 1.0 + x
-        return jnp.asarray(x.astype(leaf.dtype))
-
-    return jax.tree_util.tree_map_with_path(draw, export.abstract_params(cfg))
+from helpers import random_params, small_model
 
 
 @pytest.mark.parametrize("router,overrides", [

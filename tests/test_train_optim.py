@@ -13,26 +13,11 @@ from rmoe_jax.model import build_model, decay_mask, frozen_mask
 from rmoe_jax.train import (TrainState, make_optimizer, make_schedule, make_train_step,
                             weighted_cross_entropy_sum)
 
+from helpers import small_model
 
-def small_model_config(router="recurrent", **router_kw):
-    c = default_config().model
-    c.vocab_size = 64
-    c.d_model = 32
-    c.num_layers = 2
-    c.num_heads = 2
-    c.num_kv_heads = 2
-    c.max_seq_len = 16
-    c.moe.num_experts = 4
-    c.moe.top_k = 2
-    c.moe.expert_hidden = 32
-    c.router.name = router
-    c.router.hidden_size = 16
-    c.router.mlp_hidden = 16
-    c.router.hyper_hidden = 16
-    c.router.hyper_embed_dim = 8
-    for k, v in router_kw.items():
-        c.router[k] = v
-    return c
+
+def small_model_config(router="recurrent", **router_options):
+    return small_model(router, **{f"router.{key}": value for key, value in router_options.items()})
 
 
 def train_config(**kw):
