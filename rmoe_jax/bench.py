@@ -1,0 +1,412 @@
+"""Train-step benchmark: variants measured side by side in one run, reported as medians and ratios.
+
+    python -m rmoe_jax.bench --config configs/enwik8_medium.py --batch_size 4 --steps 2 \
+        --repeats 5 --out BENCHMARKS.run.md
+
+Every variant is the real training step (`make_optimizer` + `make_train_step`, `jax.jit` with
+the state donated), built from `--config` with one change each:
+
+    rmoe            the config as given (the RMoE router, its dispatch, its number of experts)
+    smoe            model.router.name = linear                   (RMoE / SMoE ratio)
+    capacity        model.moe.dispatch = capacity                (capacity / dropless ratio)
+    dropless        model.moe.dispatch = dropless
+    e<N>            model.moe.num_experts = N (dropless, same top-k and tokens)
+    matmul          a float32 N x N jnp.dot (the machine's dense matmul peak, for MFU)
+    mixtral_torch   transformers' MixtralForCausalLM of the same shape, AdamW, PyTorch CPU
+
+Timing: after compiling every variant (compile time = lower + compile) and one warm-up step, the
+harness runs `--repeats` rounds; each round times `--steps` consecutive steps of every variant in
+turn (A B C A B C ...), blocking only after the last one, so noise from other processes hits all
+variants alike. Reported: median seconds per step over the rounds, and ratios of medians.
+
+Model FLOPs per step (analytic): tokens * (6 * N_active + 6 * L * S * d), where N_active is every
+parameter a token touches (top_k of num_experts experts, attention, router, norms, LM head; not the
+input embedding table, which is a lookup; the shared GRU cell of RMoE counted once per layer, as
+it is applied in every layer) and 6 * L * S * d counts causal attention scores
+(QK^T and AV: 4 * S * d forward per token and layer, halved by the causal mask, x3 for the
+backward). MFU = model FLOPs per step / step time / measured matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+def load_config(spec: str):
+    """`path/to/config.py[:arg]` -> the file's `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_bench_config", path)
+    if module_spec is None:
+        raise ValueError(f"--config: cannot load {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def variant_config(base, *, router: str | None = None, dispatch: str | None = None,
+                   num_experts: int | None = None, batch_size: int, seq_len: int,
+                   capacity_factor: float | None = None):
+    config = base.copy_and_resolve_references() if hasattr(base, "copy_and_resolve_references") else base
+    config = json_roundtrip(config)
+    config.data.seq_len = seq_len
+    config.model.max_seq_len = max(int(config.model.max_seq_len), seq_len)
+    config.train.batch_size = batch_size
+    config.train.grad_accum_steps = 1
+    if router is not None:
+        config.model.router.name = router
+    if dispatch is not None:
+        config.model.moe.dispatch = dispatch
+    if capacity_factor is not None:
+        config.model.moe.capacity_factor = capacity_factor
+    if num_experts is not None:
+        config.model.moe.num_experts = num_experts
+    return config
+
+
+def json_roundtrip(config):
+    import ml_collections
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+
+def model_flops_per_step(model_config, batch_size: int, seq_len: int) -> tuple[float, int]:
+    """(analytic training FLOPs per step, active params counted) -- see the module docstring."""
+    from rmoe_jax.model import count_params
+
+    counts = count_params(model_config)
+    embed_table = model_config.vocab_size * model_config.d_model
+    active = counts["active"] - (0 if model_config.tie_embeddings else embed_table)
+    # The shared router parameters (RMoE's one GRU cell, a shared projector) are stored once but
+    # applied in every layer: count them once per layer.
+    active += (model_config.num_layers - 1) * shared_router_params(model_config)
+    tokens = batch_size * seq_len
+    attention = 6 * model_config.num_layers * seq_len * model_config.d_model
+    return float(tokens) * (6 * active + attention), int(active)
+
+
+def shared_router_params(model_config) -> int:
+    """Parameters of `params['router_shared']` (0 for routers without one)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rmoe_jax.model import build_model
+
+    model = build_model(model_config)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params.get("router_shared", {}))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants: each exposes run(steps) (blocks at the end) and a few facts
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    run: Callable[[int], None]
+    compile_s: float = float("nan")
+    peak_bytes: float = float("nan")
+    xla_flops: float = float("nan")
+    model_flops: float = float("nan")
+    tokens: int = 0
+    note: str = ""
+    times: list = dataclasses.field(default_factory=list)  # seconds per step, one per round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+def jax_train_variant(name: str, config, *, seed: int = 0, note: str = "") -> Variant:
+    import jax
+    import jax.numpy as jnp
+
+    from rmoe_jax.aot import report_from_compiled
+    from rmoe_jax.model import build_model, decay_mask, frozen_mask
+    from rmoe_jax.train import state as state_lib
+    from rmoe_jax.train.optim import make_optimizer
+    from rmoe_jax.train.step import make_train_step
+
+    model = build_model(config.model)
+    seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
+    frozen = frozen_mask(params_shape["params"])
+    tx = make_optimizer(config.train, frozen_mask=frozen, decay_mask=decay_mask(params_shape["params"]))
+    state = state_lib.create_train_state(model, tx, seq_len=seq_len, seed=seed)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.model.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+             "weights": jnp.ones((batch_size, seq_len), jnp.float32)}
+    step = jax.jit(make_train_step(model, tx, config.train, frozen_mask=frozen), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    report = report_from_compiled(name, compiled)
+    holder = {"state": state}
+
+    def run(steps: int) -> None:
+        s = holder["state"]
+        metrics = None
+        for _ in range(steps):
+            s, metrics = compiled(s, batch)
+        jax.block_until_ready((s, metrics))
+        holder["state"] = s
+
+    flops, _ = model_flops_per_step(config.model, batch_size, seq_len)
+    return Variant(name, run, compile_s=compile_s, peak_bytes=report.peak_bytes, xla_flops=report.flops,
+                   model_flops=flops, tokens=batch_size * seq_len, note=note)
+
+
+def matmul_variant(n: int) -> Variant:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    start = time.perf_counter()
+    compiled = dot.lower(a, b).compile()
+    compile_s = time.perf_counter() - start
+
+    def run(steps: int) -> None:
+        out = None
+        for _ in range(steps):
+            out = compiled(a, b)
+        jax.block_until_ready(out)
+
+    return Variant("matmul", run, compile_s=compile_s, model_flops=2.0 * n ** 3,
+                   note=f"jnp.dot float32 {n}x{n} @ {n}x{n}")
+
+
+def mixtral_variant(model_config, batch_size: int, seq_len: int, train_config, threads: int) -> Variant:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    moe = model_config.moe
+    cfg = MixtralConfig(
+        vocab_size=model_config.vocab_size, hidden_size=model_config.d_model,
+        intermediate_size=moe.expert_hidden, num_hidden_layers=model_config.num_layers,
+        num_attention_heads=model_config.num_heads, num_key_value_heads=model_config.num_kv_heads,
+        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+        max_position_embeddings=max(seq_len, int(model_config.max_seq_len)),
+        tie_word_embeddings=bool(model_config.tie_embeddings), output_router_logits=True,
+        router_aux_loss_coef=float(moe.balance_coef), use_cache=False)
+    model = MixtralForCausalLM(cfg).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=float(train_config.learning_rate),
+                            betas=(float(train_config.beta1), float(train_config.beta2)),
+                            eps=float(train_config.eps), weight_decay=float(train_config.weight_decay))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model_config.vocab_size, (batch_size, seq_len + 1), generator=gen)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, :-1].contiguous()
+    clip = float(train_config.grad_clip_norm)
+
+    def one_step():
+        out = model(input_ids=inputs, labels=labels)
+        out.loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            one_step()
+
+    attn = getattr(model.config, "_attn_implementation", "?")
+    return Variant("mixtral_torch", run, compile_s=0.0, tokens=batch_size * seq_len,
+                   note=f"transformers MixtralForCausalLM, attn={attn}, torch {torch.__version__}, "
+                        f"{threads} threads, AdamW")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def measure(variants: list[Variant], steps: int, repeats: int, log=print) -> None:
+    for v in variants:  # warm-up: first-call costs (allocations, thread pools) out of the timing
+        v.run(1)
+    for r in range(repeats):
+        for v in variants:
+            start = time.perf_counter()
+            v.run(steps)
+            v.times.append((time.perf_counter() - start) / steps)
+        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{v.name} {v.times[-1]:.3f}s" for v in variants))
+
+
+def _fmt_bytes(b: float) -> str:
+    return "-" if not math.isfinite(b) else f"{b / 2**20:,.0f}"
+
+
+def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -> str:
+    peak = variants["matmul"].model_flops / variants["matmul"].median if "matmul" in variants else float("nan")
+    lines = [f"Environment: {env}",
+             f"Shape: `{args.config}`, batch {args.batch_size} x seq {args.seq_len}, "
+             f"{args.steps} steps x {args.repeats} interleaved rounds (median of rounds).",
+             "",
+             f"Measured matmul peak: {peak / 1e9:.1f} GFLOP/s (float32 jnp.dot, {args.matmul_n}^3)."
+             if math.isfinite(peak) else "Matmul peak: not measured.",
+             "",
+             "| variant | median s/step | min s/step | tokens/s | compile s | peak MiB (compiled) | "
+             "model GFLOP/step | XLA GFLOP/step | MFU | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for key, v in variants.items():
+        if key == "matmul":
+            continue
+        med = v.median
+        tps = v.tokens / med if v.tokens else float("nan")
+        mfu = v.model_flops / med / peak if math.isfinite(v.model_flops) and math.isfinite(peak) else float("nan")
+        lines.append(
+            f"| {key} | {med:.3f} | {min(v.times):.3f} | {tps:,.0f} | "
+            f"{v.compile_s:.1f} | {_fmt_bytes(v.peak_bytes)} | "
+            + (f"{v.model_flops / 1e9:.1f}" if math.isfinite(v.model_flops) else "-") + " | "
+            + (f"{v.xla_flops / 1e9:.1f}" if math.isfinite(v.xla_flops) else "-") + " | "
+            + (f"{mfu:.1%}" if math.isfinite(mfu) else "-") + " | "
+            + (v.note if key == v.name else f"the {v.name} program, timed once") + " |")
+
+    def ratio(a, b):
+        if a in variants and b in variants:
+            return variants[a].median / variants[b].median
+        return None
+
+    def paired(a, b):  # median over rounds of the ratio within a round (same noise for both)
+        if a in variants and b in variants:
+            return statistics.median(x / y for x, y in zip(variants[a].times, variants[b].times))
+        return None
+
+    lines += ["", "| ratio | ratio of medians | median of per-round ratios | target |",
+              "|---|---:|---:|---|"]
+    capacity_ref = "dropless" if "dropless" in variants else base_name
+    rows = [("RMoE / SMoE step time", base_name, "smoe", "<= 1.03"),
+            ("capacity / dropless step time", "capacity", capacity_ref, "-")]
+    sweep = sorted((int(k[1:]), k) for k in variants if k.startswith("e") and k[1:].isdigit())
+    if len(sweep) >= 2:
+        lo, hi = sweep[0], sweep[-1]
+        rows.append((f"dropless step time, {hi[0]} / {lo[0]} experts", hi[1], lo[1], "< 1.3"))
+        for n, key in sweep[1:-1]:
+            rows.append((f"dropless step time, {n} / {lo[0]} experts", key, lo[1], "-"))
+    # tokens/s ratio = inverse step-time ratio at equal tokens
+    rows.append(("tokens/s, rmoe_jax RMoE / transformers Mixtral", "mixtral_torch", base_name, ">= 1.5"))
+    for label, a, b, target in rows:
+        if a in variants and b in variants:
+            lines.append(f"| {label} | {ratio(a, b):.3f} | {paired(a, b):.3f} | {target} |")
+    if math.isfinite(peak) and base_name in variants:
+        v = variants[base_name]
+        mfu = v.model_flops / v.median / peak
+        lines.append(f"| MFU of RMoE (model FLOPs / measured matmul peak) | {mfu:.3f} | - | >= 0.35 |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/enwik8_medium.py", help="config file[:row]")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=0, help="0: the config's data.seq_len")
+    p.add_argument("--steps", type=int, default=2, help="steps timed per variant per round")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--experts", default="8,16,64", help="dropless expert-count sweep (fixed top-k)")
+    p.add_argument("--variants", default="rmoe,smoe,capacity,dropless,experts,matmul,mixtral_torch",
+                   help="comma list from: rmoe, smoe, capacity, dropless, experts, matmul, mixtral_torch")
+    p.add_argument("--capacity_factor", type=float, default=0.0,
+                   help="capacity variant's factor; 0 = the config's")
+    p.add_argument("--matmul_n", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = os.cpu_count()")
+    p.add_argument("--dropout", type=float, default=-1.0, help=">= 0 overrides model.dropout_rate")
+    p.add_argument("--out", default="", help="write the Markdown table here (and raw times to .json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    import jax
+
+    base = load_config(args.config)
+    args.seq_len = args.seq_len or int(base.data.seq_len)
+    if args.dropout >= 0:
+        base.model.dropout_rate = args.dropout
+    wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+    common = dict(batch_size=args.batch_size, seq_len=args.seq_len)
+    base_dispatch = base.model.moe.dispatch
+    base_experts = int(base.model.moe.num_experts)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    variants: dict[str, Variant] = {}
+
+    def add(name, build):
+        log(f"building {name} ...")
+        v = build()
+        v.name = name
+        variants[name] = v
+        log(f"  compiled in {v.compile_s:.1f}s")
+
+    base_name = "rmoe"
+    if "rmoe" in wanted:
+        add("rmoe", lambda: jax_train_variant("rmoe", variant_config(base, **common),
+                                              note=f"{base.model.router.name} router, {base_dispatch}, "
+                                                   f"E={base_experts}"))
+    if "smoe" in wanted:
+        add("smoe", lambda: jax_train_variant("smoe", variant_config(base, router="linear", **common),
+                                              note=f"linear router, {base_dispatch}, E={base_experts}"))
+    cf = args.capacity_factor or None
+    if "capacity" in wanted:
+        cfg = variant_config(base, dispatch="capacity", capacity_factor=cf, **common)
+        add("capacity", lambda: jax_train_variant(
+            "capacity", cfg, note=f"capacity dispatch, factor {cfg.model.moe.capacity_factor}"))
+    if "dropless" in wanted and base_dispatch != "dropless":
+        add("dropless", lambda: jax_train_variant("dropless", variant_config(base, dispatch="dropless", **common),
+                                                  note="dropless dispatch"))
+    if "experts" in wanted:
+        for n in [int(x) for x in args.experts.split(",") if x.strip()]:
+            name = f"e{n}"
+            if n == base_experts and base_dispatch == "dropless" and "rmoe" in variants:
+                variants[name] = variants["rmoe"]  # the same program: do not time it twice
+                continue
+            add(name, lambda n=n, name=name: jax_train_variant(
+                name, variant_config(base, dispatch="dropless", num_experts=n, **common),
+                note=f"dropless, E={n}, top-{base.model.moe.top_k}"))
+    if "matmul" in wanted:
+        add("matmul", lambda: matmul_variant(args.matmul_n))
+    if "mixtral_torch" in wanted:
+        threads = args.threads or os.cpu_count() or 1
+        cfg = variant_config(base, **common)
+        add("mixtral_torch", lambda: mixtral_variant(cfg.model, args.batch_size, args.seq_len, cfg.train, threads))
+
+    unique = list({id(v): v for v in variants.values()}.values())
+    measure(unique, args.steps, args.repeats, log)
+
+    env = (f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
+           f"{jax.devices()[0].platform}, float32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    table = format_table(variants, args, base_name, env)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"`python -m rmoe_jax.bench {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+            f.write(table)
+        raw = {k: {"times": v.times, "compile_s": v.compile_s, "peak_bytes": v.peak_bytes,
+                   "model_flops": v.model_flops, "xla_flops": v.xla_flops, "tokens": v.tokens, "note": v.note}
+               for k, v in variants.items()}
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(raw, f, indent=1)
+    return table
+
+
+if __name__ == "__main__":
+    main()
