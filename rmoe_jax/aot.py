@@ -1,31 +1,42 @@
-"""Compile the real train and eval steps ahead of time for a mesh of devices we may not have.
+"""Compile the real train, eval and decode steps ahead of time for devices we may not have.
 
-    # 8 fake CPU devices (per-device memory of a config on an 8-device mesh):
+    # a TPU pod slice, compiled on this CPU by libtpu (`pip install libtpu==0.0.42.1`):
+    python -m rmoe_jax.aot --config configs/llama_0p91b.py --topology v5p:4x4x2 \
+        --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.expert=8 \
+        --config.train.grad_accum_steps=35 [--steps train,eval,decode]
+    # 8 fake CPU devices:
     python -m rmoe_jax.aot --config configs/llama_0p91b.py --cpu_devices 8 \
         --config.mesh.fsdp=8 --config.mesh.data=1 --config.train.grad_accum_steps=140
-    # a TPU pod slice, compiled on this CPU with libtpu (`pip install -r requirements-tpu.txt`):
-    python -m rmoe_jax.aot --config configs/llama_0p91b.py --topology v5p:4x4x4 ...
 
 Lowers and compiles with abstract inputs (`jax.ShapeDtypeStruct`s carrying shardings): nothing
-is allocated. Prints, per step, the per-device argument / temp / output memory (against the
-chip's HBM where known), FLOPs and bytes per step from the compiled cost analysis, a roofline
-step time from the chip's peak and bandwidth, and the collectives in the compiled program.
+is allocated. Prints, per step, the per-chip argument / temp / output memory against the chip's
+HBM, FLOPs and bytes per step, a roofline step time from the chip's bf16 peak and HBM bandwidth,
+tokens/s and the MFU bound it implies, and the collectives in the compiled program. Memory and
+collectives are the real step's; FLOPs and bytes come from loop-free cost-only compiles
+(`scaled_costs`: XLA's cost analysis counts a loop body once). A step that does not fit the
+chip's HBM is named with the buffer and the excess (exit status 1); an unknown topology name
+fails before anything is compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import re
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Compile for this many (fake) CPU devices.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology, e.g. v5p:2x2x1 or v6e:4x4.")
-_STEPS = flags.DEFINE_list("steps", ["train", "eval"], "Which steps to compile: train, eval.")
+_STEPS = flags.DEFINE_list("steps", ["train", "eval", "decode"],
+                           "Which steps to compile: train, eval, decode (one KV-cache token).")
+_LOOP_COSTS = flags.DEFINE_bool(
+    "loop_costs", True, "FLOPs/bytes with every layer and micro-batch counted (extra small "
+    "unrolled compiles, see scaled_costs); off: XLA's numbers for the real step (loops once).")
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
@@ -94,35 +105,55 @@ def report_from_compiled(name: str, compiled: Any) -> StepReport:
 
 
 def chip_for(device_kind: str) -> Chip | None:
+    """The chip of a device kind: 'TPU v5' is a v5p, 'TPU v5 lite' a v5e, 'TPU v6 lite' a v6e."""
     kind = device_kind.lower().replace(" ", "")
+    if kind in ("tpuv5", "tpuv5p"):
+        return CHIPS["v5p"]
     for key in ("v5p", "v5e", "v5lite", "v6e", "v6lite", "v4"):
         if key in kind:
             return CHIPS[{"v5lite": "v5e", "v6lite": "v6e"}.get(key, key)]
     return None
 
 
-def compile_steps(config, devices, steps=("train", "eval")) -> list[StepReport]:
-    """Lower and compile the train / eval steps of `config` over `devices` (abstract inputs)."""
-    import flax.linen as nn
+def _build(config, mesh, *, identity_optimizer: bool = False):
+    """Model, optimizer, abstract sharded state and shardings of `config` on `mesh`."""
     import jax
     import jax.numpy as jnp
+    import optax
 
     from rmoe_jax import parallel
     from rmoe_jax.model import build_model, decay_mask, frozen_mask
     from rmoe_jax.train import state as state_lib
     from rmoe_jax.train.optim import make_optimizer
-    from rmoe_jax.train.step import make_eval_step, make_train_step
 
-    mesh = parallel.make_mesh(config.mesh, devices)
-    problems = parallel.fit_problems(mesh, num_experts=config.model.moe.num_experts,
-                                     global_batch=config.train.batch_size,
-                                     micro_batches=config.train.grad_accum_steps)
-    if problems:
-        raise ValueError("the config does not fit the mesh:\n  " + "\n  ".join(problems))
     rules = parallel.rules_from_config(config.mesh)
     model = build_model(config.model)
     seq_len = int(config.data.seq_len)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
+    frozen = frozen_mask(params["params"])
+    tx = (optax.identity() if identity_optimizer else
+          make_optimizer(config.train, frozen_mask=frozen, decay_mask=decay_mask(params["params"])))
+    abstract, _ = state_lib.abstract_and_init(model, tx, seq_len=seq_len, seed=0)
+    state_sh = state_lib.state_shardings(mesh, abstract, rules)
+    return model, tx, frozen, state_lib.with_shardings(abstract, state_sh), state_sh
+
+
+def _compile_one(config, mesh, name: str, *, identity_optimizer: bool = False):
+    """Lower and compile one step ('train', 'eval' or 'decode') of `config` with abstract inputs."""
+    logging.info("compiling the %s step: %d layers (unroll %d), batch %d, %d micro-batches%s", name,
+                 config.model.num_layers, config.model.get("scan_unroll", 1), config.train.batch_size,
+                 config.train.grad_accum_steps, ", identity optimizer" if identity_optimizer else "")
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from rmoe_jax import parallel
+    from rmoe_jax.train.step import make_eval_step, make_train_step
+
+    rules = parallel.rules_from_config(config.mesh)
+    seq_len = int(config.data.seq_len)
     batch_sh = parallel.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def abstract_batch(batch_size: int) -> dict:
         shape = (int(batch_size), seq_len)
@@ -130,54 +161,186 @@ def compile_steps(config, devices, steps=("train", "eval")) -> list[StepReport]:
                 "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
                 "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)}
 
-    reports = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-        frozen = frozen_mask(params["params"])
-        tx = make_optimizer(config.train, frozen_mask=frozen, decay_mask=decay_mask(params["params"]))
-        abstract, _ = state_lib.abstract_and_init(model, tx, seq_len=seq_len, seed=0)
-        state_sh = state_lib.state_shardings(mesh, abstract, rules)
-        state = state_lib.with_shardings(abstract, state_sh)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        if "train" in steps:
+        model, tx, frozen, state, state_sh = _build(config, mesh, identity_optimizer=identity_optimizer)
+        if name == "train":
             step = jax.jit(make_train_step(model, tx, config.train, frozen_mask=frozen),
                            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                            donate_argnums=0)
-            batch = abstract_batch(config.train.batch_size)
-            reports.append(report_from_compiled("train", step.lower(state, batch).compile()))
-        if "eval" in steps:
+            return step.lower(state, abstract_batch(config.train.batch_size)).compile()
+        if name == "eval":
             step = jax.jit(make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
                            out_shardings=replicated)
             batch = abstract_batch(config.train.eval_batch_size or config.train.batch_size)
-            reports.append(report_from_compiled("eval", step.lower(state.params, batch).compile()))
+            return step.lower(state.params, batch).compile()
+        if name == "decode":
+            return _compile_decode(config, mesh, state.params, state_sh.params)
+    raise ValueError(f"unknown step {name!r}: choose train, eval or decode")
+
+
+def _compile_decode(config, mesh, params, params_sh):
+    """One KV-cache decode step: one new token per sequence, cache as long as data.seq_len."""
+    import jax
+    import jax.numpy as jnp
+
+    from rmoe_jax import parallel
+    from rmoe_jax.model.decode import decode_model, extend
+
+    model = decode_model(config.model)
+    batch = int(config.train.eval_batch_size or config.train.batch_size)
+    seq_len = int(config.data.seq_len)
+    cache = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                              jnp.zeros((batch, seq_len), jnp.int32)))["cache"]
+    batch_axes = parallel.BATCH_AXES
+    # Cache leaves `[L, batch, len, kv_heads, head_dim]` split over the batch axes like the data;
+    # the write index `[L]` replicated.
+    cache_sh = jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, batch_axes) if s.ndim >= 2 else
+            jax.sharding.PartitionSpec()), cache)
+    cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), cache, cache_sh)
+    tokens_sh = parallel.batch_sharding(mesh)
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tokens_sh)
+    step = jax.jit(lambda p, c, t: extend(model, p, c, t),
+                   in_shardings=(params_sh, cache_sh, tokens_sh),
+                   out_shardings=(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes)),
+                                  cache_sh),
+                   donate_argnums=1)
+    return step.lower(params, cache, tokens).compile()
+
+
+def _variant(config, **fields):
+    """A copy of `config` with dotted fields replaced (`model.num_layers=2`)."""
+    copy = config.copy_and_resolve_references()
+    copy.unlock()
+    for dotted, value in fields.items():
+        *path, leaf = dotted.split(".")
+        node = copy
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return copy
+
+
+def _costs(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def scaled_costs(config, mesh, name: str) -> tuple[float, float]:
+    """FLOPs and bytes per device of one whole step, with every loop iteration counted.
+
+    XLA's cost analysis counts a while loop's body once, and the real step has two loops: the
+    `nn.scan` over layers and (train, `grad_accum_steps = k > 1`) the `lax.scan` over
+    micro-batches. So the costs come from loop-free variants of the same step, each compiled
+    for the same mesh with the layer scan fully unrolled (`model.scan_unroll`) and one
+    micro-batch per step:
+      S(l)  the train step (or eval / decode step) of l layers, batch = one micro-batch;
+      G(l)  the same train step with an identity optimizer: the gradient of one micro-batch
+            (what the accumulation loop runs k times) plus one param-sized add.
+    Every per-layer cost is the same, so X(L) = X(1) + (L - 1) * (X(2) - X(1)) is exact for
+    L layers from the two small compiles; then train = S(L) + (k - 1) * G(L).
+    """
+    layers = int(config.model.num_layers)
+    accum = int(config.train.grad_accum_steps) if name == "train" else 1
+    base = {"train.grad_accum_steps": 1}
+    if name == "train":
+        base["train.batch_size"] = int(config.train.batch_size) // accum
+
+    def at_layers(identity: bool) -> tuple[float, float]:
+        counts = (1, 2) if layers > 1 else (1,)
+        costs = [_costs(_compile_one(_variant(config, **base, **{"model.num_layers": n,
+                                                                 "model.scan_unroll": n}),
+                                     mesh, name, identity_optimizer=identity)) for n in counts]
+        if layers == 1:
+            return costs[0]
+        return tuple(one + (layers - 1) * (two - one) for one, two in zip(*costs))
+
+    flops, bytes_accessed = at_layers(False)
+    if accum > 1:
+        grad_flops, grad_bytes = at_layers(True)
+        flops += (accum - 1) * grad_flops
+        bytes_accessed += (accum - 1) * grad_bytes
+    return flops, bytes_accessed
+
+
+def compile_steps(config, devices, steps=("train", "eval"), *, loop_costs: bool = True) -> list[StepReport]:
+    """Lower and compile the steps of `config` over `devices` (abstract inputs, nothing allocated).
+
+    Memory and collectives come from the real compiled step. With `loop_costs` the FLOPs and
+    bytes are those of `scaled_costs` (every loop iteration counted); without, the compiled
+    step's own cost analysis (each loop body counted once: an undercount).
+    """
+    from rmoe_jax import parallel
+
+    mesh = parallel.make_mesh(config.mesh, devices)
+    problems = parallel.fit_problems(mesh, num_experts=config.model.moe.num_experts,
+                                     global_batch=config.train.batch_size,
+                                     micro_batches=config.train.grad_accum_steps)
+    if problems:
+        raise ValueError("the config does not fit the mesh:\n  " + "\n  ".join(problems))
+    reports = []
+    for name in steps:
+        report = report_from_compiled(name, _compile_one(config, mesh, name))
+        logging.info("compiled the %s step: %s", name, report)
+        if loop_costs:
+            report.flops, report.bytes_accessed = scaled_costs(config, mesh, name)
+        reports.append(report)
     return reports
 
 
+def fit_problem(report: StepReport, chip: Chip) -> str | None:
+    """Why `report`'s step does not fit `chip`'s HBM (the buffers and how much over), or None."""
+    if report.peak_bytes <= chip.hbm_bytes:
+        return None
+    gib = 2**30
+    buffers = {"arguments (the train state / params)": report.argument_bytes,
+               "temporaries (activations, gradients, collectives' buffers)": report.temp_bytes,
+               "outputs not aliased to donated arguments": report.output_bytes - report.alias_bytes}
+    largest = max(buffers, key=buffers.get)
+    parts = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in buffers.items())
+    return (f"the {report.name} step does not fit a {chip.name} chip: it needs "
+            f"{report.peak_bytes / gib:.2f} GiB per chip, {(report.peak_bytes - chip.hbm_bytes) / gib:.2f} "
+            f"GiB over the {chip.hbm_bytes / gib:.0f} GiB HBM ({parts}); the largest is {largest}. "
+            f"More micro-batches (--config.train.grad_accum_steps), more chips on fsdp/expert, or a "
+            f"remat policy shrink the temporaries; fsdp/expert shrink the arguments.")
+
+
+def step_tokens(config, name: str) -> int:
+    """Tokens one step processes: a batch of sequences (train, eval) or one per sequence (decode)."""
+    batch = int(config.train.batch_size) if name == "train" else int(
+        config.train.eval_batch_size or config.train.batch_size)
+    return batch if name == "decode" else batch * int(config.data.seq_len)
+
+
 def format_reports(reports: list[StepReport], *, devices: int, device_kind: str, chip: Chip | None,
-                   tokens_per_step: int, model_flops_per_step: float) -> str:
+                   tokens_per_step: int | dict, model_flops_per_step: float) -> str:
+    """A markdown table, one row per step. `tokens_per_step`: an int, or a dict by step name."""
     gib = 2**30
     lines = [f"{devices} x {device_kind}" + (f" ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
                                              f"{chip.hbm_bandwidth / 1e12:.2f} TB/s, "
                                              f"{chip.hbm_bytes / gib:.0f} GiB HBM)" if chip else ""),
              "",
-             "| step | args GiB | temp GiB | output GiB | peak GiB/device | fits | TFLOPs/device | "
-             "GB accessed/device | roofline s | tokens/s | MFU bound | collectives |",
+             "| step | args GiB | temp GiB | output GiB | peak GiB/chip | fits | TFLOPs/chip | "
+             "GB accessed/chip | roofline s | tokens/s | MFU bound | collectives |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in reports:
+        tokens_step = tokens_per_step[r.name] if isinstance(tokens_per_step, dict) else tokens_per_step
         fits = "-" if chip is None else ("yes" if r.peak_bytes <= chip.hbm_bytes else
                                          f"NO: {(r.peak_bytes - chip.hbm_bytes) / gib:.1f} GiB over")
         if chip is not None:
             seconds = roofline_seconds(r.flops, r.bytes_accessed, chip)
-            tokens = f"{tokens_per_step / seconds:,.0f}"
+            tokens = f"{tokens_step / seconds:,.0f}"
             mfu = (f"{model_flops_per_step / (devices * chip.peak_flops * seconds):.0%}"
                    if r.name == "train" else "-")
-            seconds = f"{seconds:.3f}"
+            seconds = f"{seconds:.4g}"
         else:
             seconds = tokens = mfu = "-"
         collectives = ", ".join(f"{k} {v}" for k, v in r.collectives.items() if v) or "none"
         lines.append(f"| {r.name} | {r.argument_bytes / gib:.2f} | {r.temp_bytes / gib:.2f} | "
                      f"{r.output_bytes / gib:.2f} | {r.peak_bytes / gib:.2f} | {fits} | "
-                     f"{r.flops / 1e12:.2f} | {r.bytes_accessed / 1e9:.1f} | {seconds} | {tokens} | "
+                     f"{r.flops / 1e12:.3g} | {r.bytes_accessed / 1e9:.3g} | {seconds} | {tokens} | "
                      f"{mfu} | {collectives} |")
     return "\n".join(lines)
 
@@ -198,20 +361,46 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if _TOPOLOGY.value:
+        from rmoe_jax.tpu_topology import TopologyError, configure_libtpu_env, parse_topology
+
+        try:
+            generation, _ = parse_topology(_TOPOLOGY.value)
+        except TopologyError as error:
+            raise SystemExit(f"rmoe_jax.aot: {error}")
+        configure_libtpu_env(_TOPOLOGY.value)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; the TPU is abstract
     import jax
 
     if _TOPOLOGY.value:
         from rmoe_jax.tpu_topology import topology_devices
 
         devices = topology_devices(_TOPOLOGY.value)
+        chip = CHIPS[generation]
     else:
         devices = jax.devices()
+        chip = chip_for(devices[0].device_kind)
     device_kind = devices[0].device_kind
-    reports = compile_steps(config, devices, tuple(_STEPS.value))
-    tokens = int(config.train.batch_size) * int(config.data.seq_len)
-    print(format_reports(reports, devices=len(devices), device_kind=device_kind, chip=chip_for(device_kind),
+    steps = tuple(_STEPS.value)
+    tokens = {name: step_tokens(config, name) for name in steps}
+    reports = []
+    for name in steps:  # progress on stderr as each step compiles (0.91B steps take minutes)
+        reports += compile_steps(config, devices, (name,), loop_costs=_LOOP_COSTS.value)
+        print(f"compiled the {name} step", file=sys.stderr, flush=True)
+    print(f"\n{config.model.router.name} router, dispatch {config.model.moe.dispatch}, mesh "
+          + " ".join(f"{a}={config.mesh[a]}" for a in ("data", "fsdp", "expert", "tensor"))
+          + f", grad_accum_steps {config.train.grad_accum_steps}; FLOPs/bytes "
+          + ("with every loop iteration counted (unrolled cost-only compiles)" if _LOOP_COSTS.value
+             else "as XLA reports them (loop bodies counted once)"))
+    print(format_reports(reports, devices=len(devices), device_kind=device_kind, chip=chip,
                          tokens_per_step=tokens,
-                         model_flops_per_step=model_train_flops(config.model, tokens, config.data.seq_len)))
+                         model_flops_per_step=model_train_flops(config.model, tokens.get("train", 0),
+                                                                config.data.seq_len)))
+    problems = [p for p in (fit_problem(r, chip) for r in reports) if p] if chip else []
+    for problem in problems:
+        print("DOES NOT FIT: " + problem)
+    if problems:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

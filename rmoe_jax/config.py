@@ -87,6 +87,10 @@ def model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; gating is always float32
             param_dtype="float32",
             remat_policy="none",
+            # Layers per iteration of the layer scan (1 = a loop over layers). `rmoe_jax.aot`
+            # unrolls fully (= num_layers) for its cost-only compiles: XLA's cost analysis
+            # counts a loop body once.
+            scan_unroll=1,
         )
     )
     config.moe = moe_config()
@@ -197,6 +201,9 @@ def model_problems(model: ml_collections.ConfigDict, prefix: str = "model") -> l
     _check_choice(p, model.dtype, f"{prefix}.dtype", DTYPES)
     _check_choice(p, model.param_dtype, f"{prefix}.param_dtype", DTYPES)
     _check_choice(p, model.remat_policy, f"{prefix}.remat_policy", REMAT_POLICIES)
+    scan_unroll = model.get("scan_unroll", 1)
+    _check(p, isinstance(scan_unroll, int) and scan_unroll >= 1, f"{prefix}.scan_unroll",
+           f"must be an integer >= 1, got {scan_unroll!r}")
     problems += moe_problems(model.moe, f"{prefix}.moe")
     problems += router_problems(model.router, f"{prefix}.router")
     return problems

@@ -175,6 +175,7 @@ def _layer_stack(config: ml_collections.FrozenConfigDict, decode: bool = False):
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=config.num_layers,
+        unroll=int(config.get("scan_unroll", 1)),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 

@@ -1,0 +1,148 @@
+"""Ahead-of-time compilation for TPU slices without a TPU (`rmoe_jax.aot`, `rmoe_jax.tpu_topology`).
+
+The TPU tests need libtpu (`pip install -r requirements-test.txt`). Without it they skip on a
+developer machine, but fail in CI (CI=true): CI must prove the TPU path.
+"""
+
+import math
+import os
+
+import jax
+import pytest
+
+from configs import tiny
+from rmoe_jax import aot
+from rmoe_jax.tpu_topology import (TopologyError, accelerator_type, libtpu_available,
+                                   parse_topology, topology_devices)
+
+needs_libtpu = pytest.mark.skipif(
+    not libtpu_available() and not os.environ.get("CI"),
+    reason="libtpu is not installed (pip install libtpu==0.0.42.1); in CI this fails instead")
+
+
+def small_config(dispatch: str = "dropless", **overrides):
+    """The tiny config shrunk further so that a TPU compile takes seconds."""
+    config = tiny.get_config()
+    model = config.model
+    model.d_model, model.num_layers, model.num_heads, model.num_kv_heads = 64, 2, 2, 2
+    model.moe.num_experts, model.moe.expert_hidden, model.moe.dispatch = 4, 64, dispatch
+    model.router.hidden_size = 32
+    model.max_seq_len = config.data.seq_len = 64
+    model.dtype = "bfloat16"
+    config.train.batch_size = 8
+    config.mesh.data, config.mesh.expert = 1, 4
+    config = aot._variant(config, **overrides)
+    return config
+
+
+# --- no compiler needed --------------------------------------------------------------------
+
+
+def test_roofline_against_hand_computation():
+    chip = aot.CHIPS["v5p"]  # 459e12 FLOP/s, 2.765e12 B/s
+    # Compute-bound: 9.18e14 FLOPs / 459e12 = 2.0 s; 1e12 bytes / 2.765e12 = 0.3617 s.
+    assert aot.roofline_seconds(9.18e14, 1e12, chip) == pytest.approx(2.0)
+    # Memory-bound: 5.53e12 bytes / 2.765e12 = 2.0 s beats 4.59e13 / 459e12 = 0.1 s.
+    assert aot.roofline_seconds(4.59e13, 5.53e12, chip) == pytest.approx(2.0)
+    report = aot.StepReport("train", argument_bytes=2**30, output_bytes=2**30, temp_bytes=2 * 2**30,
+                            alias_bytes=2**30, flops=9.18e14, bytes_accessed=1e12,
+                            collectives={"all-to-all": 4, "all-gather": 0})
+    assert report.peak_bytes == 3 * 2**30
+    # 8 chips, 1,000,000 tokens in 2.0 s = 500,000 tokens/s; model FLOPs 2.9376e15 over
+    # 8 chips x 459e12 x 2.0 s = 7.344e15 -> MFU bound 40%.
+    table = aot.format_reports([report], devices=8, device_kind="TPU v5", chip=chip,
+                               tokens_per_step=1_000_000, model_flops_per_step=2.9376e15)
+    row = table.splitlines()[-1]
+    assert "| train | 1.00 | 2.00 | 1.00 | 3.00 | yes | 918 | 1e+03 | 2 | 500,000 | 40% | all-to-all 4 |" == row
+
+
+def test_fit_problem_names_buffer_and_excess():
+    chip = aot.CHIPS["v6e"]  # 32 GiB
+    gib = 2**30
+    report = aot.StepReport("train", argument_bytes=4 * gib, output_bytes=4 * gib, temp_bytes=33 * gib,
+                            alias_bytes=4 * gib, flops=0, bytes_accessed=0, collectives={})
+    message = aot.fit_problem(report, chip)
+    assert "37.00 GiB per chip, 5.00 GiB over the 32 GiB HBM" in message
+    assert "the largest is temporaries" in message
+    assert aot.fit_problem(aot.dataclasses.replace(report, temp_bytes=gib), chip) is None
+
+
+def test_topology_names():
+    assert parse_topology("v5p:2x2x1") == ("v5p", (2, 2, 1))
+    assert accelerator_type("v5p:2x2x1") == "v5p-8"
+    assert accelerator_type("v6e:4x8") == "v6e-32"
+    with pytest.raises(TopologyError, match="generation 'v9x' is not one of"):
+        parse_topology("v9x:2x2")
+    with pytest.raises(TopologyError, match="v5p slices have 3 dimensions"):
+        parse_topology("v5p:2x2")
+    with pytest.raises(TopologyError, match="expected GENERATION:AxBxC"):
+        parse_topology("v6e:2by2")
+
+
+def test_chip_for_device_kinds():
+    assert aot.chip_for("TPU v5").name == "TPU v5p"
+    assert aot.chip_for("TPU v5 lite").name == "TPU v5e"
+    assert aot.chip_for("TPU v6 lite").name == "TPU v6e"
+    assert aot.chip_for("TPU v4").name == "TPU v4"
+    assert aot.chip_for("cpu") is None
+
+
+# --- loop costs (fake CPU devices: fast compiles) -------------------------------------------
+
+
+def test_loop_costs_count_every_layer_and_micro_batch():
+    """XLA counts a loop body once; `scaled_costs` counts every layer and micro-batch."""
+    from rmoe_jax import parallel
+
+    config = small_config("capacity", **{"mesh.expert": 1, "model.num_layers": 3})
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    # Two micro-batches of 4: the layer loop and the micro-batch loop both counted.
+    accumulated = aot._variant(config, **{"train.grad_accum_steps": 2})
+    flops, bytes_accessed = aot.scaled_costs(accumulated, mesh, "train")
+    # Against the same step with one batch of 8 and the layer scan fully unrolled (no loop
+    # left): the same FLOPs, less one gradient-sized add. (Bytes differ: two micro-batches
+    # read the weights twice.)
+    unrolled = aot._costs(aot._compile_one(aot._variant(config, **{"model.scan_unroll": 3}), mesh, "train"))
+    assert flops == pytest.approx(unrolled[0], rel=0.02)
+    assert bytes_accessed > unrolled[1]
+    # The real (looped) step's own analysis undercounts.
+    looped = aot._costs(aot._compile_one(accumulated, mesh, "train"))
+    assert looped[0] < 0.6 * flops
+    # And the analytic model FLOPs are within the right range (attention / softmax / norms /
+    # gating are extra at this tiny size).
+    analytic = aot.model_train_flops(config.model, 8 * 64, 64)
+    assert analytic < flops < 3 * analytic
+
+
+# --- TPU: compiled by libtpu for abstract chips ---------------------------------------------
+
+
+@needs_libtpu
+def test_unknown_topology_message():
+    with pytest.raises(TopologyError, match="unknown TPU topology 'v5p:3x3x3x3'"):
+        topology_devices("v5p:3x3x3x3")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_tiny_train_step_compiles_for_tpu(topology, dispatch):
+    from rmoe_jax import parallel
+
+    devices = topology_devices(topology)
+    assert len(devices) == math.prod(parse_topology(topology)[1])
+    chip = aot.CHIPS[parse_topology(topology)[0]]
+    config = small_config(dispatch)
+    mesh = parallel.make_mesh(config.mesh, devices)
+    compiled = aot._compile_one(config, mesh, "train")
+    report = aot.report_from_compiled("train", compiled)
+    assert aot.fit_problem(report, chip) is None
+    assert 0 < report.peak_bytes < chip.hbm_bytes
+    # Expert parallelism over 4 chips moves tokens with all-to-all (the dropless shard_map's
+    # explicit ones, or the ones XLA derives for the capacity buffers' sharding constraints).
+    assert report.collectives["all-to-all"] >= 1
+    assert report.flops > 0 and report.bytes_accessed > 0
+    half_chip = aot.Chip("test chip", 1e12, 1e12, report.peak_bytes / 2)
+    assert "the train step does not fit a test chip" in aot.fit_problem(report, half_chip)
+    if dispatch == "dropless":  # the grouped matmul is the Pallas megablox kernel on TPU
+        assert "tpu_custom_call" in compiled.as_text()
