@@ -315,8 +315,10 @@ def step_tokens(config, name: str) -> int:
 
 
 def format_reports(reports: list[StepReport], *, devices: int, device_kind: str, chip: Chip | None,
-                   tokens_per_step: int | dict, model_flops_per_step: float) -> str:
-    """A markdown table, one row per step. `tokens_per_step`: an int, or a dict by step name."""
+                   tokens_per_step: int | dict, model_flops_per_step: float,
+                   loop_costs: bool = True) -> str:
+    """A markdown table, one row per step. `tokens_per_step`: an int, or a dict by step name.
+    Without `loop_costs` the FLOPs/bytes are XLA's loop-once undercount: no roofline from them."""
     gib = 2**30
     lines = [f"{devices} x {device_kind}" + (f" ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
                                              f"{chip.hbm_bandwidth / 1e12:.2f} TB/s, "
@@ -329,7 +331,7 @@ def format_reports(reports: list[StepReport], *, devices: int, device_kind: str,
         tokens_step = tokens_per_step[r.name] if isinstance(tokens_per_step, dict) else tokens_per_step
         fits = "-" if chip is None else ("yes" if r.peak_bytes <= chip.hbm_bytes else
                                          f"NO: {(r.peak_bytes - chip.hbm_bytes) / gib:.1f} GiB over")
-        if chip is not None:
+        if chip is not None and loop_costs:
             seconds = roofline_seconds(r.flops, r.bytes_accessed, chip)
             tokens = f"{tokens_step / seconds:,.0f}"
             mfu = (f"{model_flops_per_step / (devices * chip.peak_flops * seconds):.0%}"
@@ -393,7 +395,7 @@ def main(argv):
           + ("with every loop iteration counted (unrolled cost-only compiles)" if _LOOP_COSTS.value
              else "as XLA reports them (loop bodies counted once)"))
     print(format_reports(reports, devices=len(devices), device_kind=device_kind, chip=chip,
-                         tokens_per_step=tokens,
+                         tokens_per_step=tokens, loop_costs=_LOOP_COSTS.value,
                          model_flops_per_step=model_train_flops(config.model, tokens.get("train", 0),
                                                                 config.data.seq_len)))
     problems = [p for p in (fit_problem(r, chip) for r in reports) if p] if chip else []
