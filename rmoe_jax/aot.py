@@ -29,6 +29,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rmoe_jax.config import set_fields
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Compile for this many (fake) CPU devices.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology, e.g. v5p:2x2x1 or v6e:4x4.")
@@ -213,13 +215,7 @@ def _variant(config, **fields):
     """A copy of `config` with dotted fields replaced (`model.num_layers=2`)."""
     copy = config.copy_and_resolve_references()
     copy.unlock()
-    for dotted, value in fields.items():
-        *path, leaf = dotted.split(".")
-        node = copy
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return copy
+    return set_fields(copy, fields)
 
 
 def _costs(compiled) -> tuple[float, float]:

@@ -41,6 +41,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rmoe_jax.config import set_fields
+
 RESULT_FILE = "result.json"
 
 # Defaults of every recurrent-router option, so that a row means the same thing whatever the
@@ -131,15 +133,7 @@ def parse_routers(spec: str) -> list[str]:
 
 def apply_overrides(config, overrides: Mapping[str, Any]):
     """Set dotted config paths (`model.router.name`) on a ConfigDict, in place; returns it."""
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config has no field {path!r}")
-        node[leaf] = value
-    return config
+    return set_fields(config, dict(overrides))
 
 
 def run_config(base, router: str, seed: int):

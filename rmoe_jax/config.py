@@ -167,6 +167,22 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def set_fields(config: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
+    """Set dotted fields (`{'model.router.name': 'linear'}`) in place; returns `config`.
+
+    An unknown field raises `KeyError` naming it (a typo must not become a new, unused field).
+    """
+    for dotted, value in fields.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"config has no field {dotted!r}")
+        node[leaf] = value
+    return config
+
+
 def _check(problems: list[str], ok: bool, field: str, why: str) -> None:
     if not ok:
         problems.append(f"{field}: {why}")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmoe_jax.config import model_config
+from rmoe_jax.config import model_config, set_fields
 
 
 def small_model(router: str = "recurrent", **overrides):
@@ -25,13 +25,7 @@ def small_model(router: str = "recurrent", **overrides):
     config.router.xmoe_dim = 4
     config.router.hyper_hidden = 16
     config.router.hyper_embed_dim = 8
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+    return set_fields(config, overrides)
 
 
 def random_params(cfg, seed=0, scale=0.3):

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from rmoe_jax import analyze, compare
-from rmoe_jax.config import validate
-from tests.train_helpers import REPO, load_config_module, set_dotted
+from rmoe_jax.config import set_fields, validate
+from tests.train_helpers import REPO, load_config_module
 
 TOY = {
     "model.d_model": 32,
@@ -38,9 +38,7 @@ TOY = {
 
 def toy_config():
     config = load_config_module("compare_cpu").get_config()
-    for dotted, value in TOY.items():
-        set_dotted(config, dotted, value)
-    return config
+    return set_fields(config, TOY)
 
 
 def test_every_router_row_gives_a_valid_config_that_only_changes_the_router():

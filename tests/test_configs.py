@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from rmoe_jax.config import ConfigError, default_config, validate
+from rmoe_jax.config import ConfigError, default_config, set_fields, validate
 from rmoe_jax.model import count_params
 from rmoe_jax.train import validate_all
-from train_helpers import REPO, load_config_module, set_dotted
+from train_helpers import REPO, load_config_module
 
 CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
@@ -92,7 +92,7 @@ def test_bad_values_are_reported_together_naming_fields():
     for dotted, value in {"train.batch_size": 10, "train.grad_accum_steps": 3, "train.learning_rate": 0.0,
                           "train.schedule": "linear", "train.eval_batch_size": -1,
                           "model.moe.top_k": 20, "data.seq_len": 4096}.items():
-        set_dotted(config, dotted, value)
+        set_fields(config, {dotted: value})
     with pytest.raises(ConfigError) as info:
         validate_all(config)
     message = str(info.value)
@@ -100,3 +100,11 @@ def test_bad_values_are_reported_together_naming_fields():
                  "train.schedule: 'linear' is not one of constant, cosine", "train.eval_batch_size",
                  "model.moe.top_k: 20 is larger than num_experts=8", "data.seq_len: 4096 is longer than"):
         assert text in message, message
+
+
+def test_set_fields_refuses_an_unknown_field():
+    config = default_config()
+    set_fields(config, {"model.router.name": "linear"})
+    assert config.model.router.name == "linear"
+    with pytest.raises(KeyError, match="config has no field 'model.router.nmae'"):
+        set_fields(config, {"model.router.nmae": "linear"})

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import jax
 
+from rmoe_jax.config import set_fields
+
 REPO = Path(__file__).resolve().parents[1]
 
 # configs/tiny.py shrunk so that a step takes milliseconds and a compile a few seconds.
@@ -43,20 +45,10 @@ def load_config_module(name: str):
     return module
 
 
-def set_dotted(config, dotted: str, value) -> None:
-    node = config
-    *parents, leaf = dotted.split(".")
-    for name in parents:
-        node = node[name]
-    node[leaf] = value
-
-
 def tiny_config(**overrides):
     """configs/tiny.py with SMALL and `overrides` (dotted keys with '.' written as '__')."""
     config = load_config_module("tiny").get_config()
-    for dotted, value in {**SMALL, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        set_dotted(config, dotted, value)
-    return config
+    return set_fields(config, {**SMALL, **{k.replace("__", "."): v for k, v in overrides.items()}})
 
 
 def cli_overrides(**overrides) -> list[str]:
