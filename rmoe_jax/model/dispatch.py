@@ -11,11 +11,13 @@ With a capacity large enough to drop nothing both give the same outputs and grad
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from rmoe_jax.parallel import constrain
@@ -76,7 +78,7 @@ def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> 
     return jnp.where(in_a_group[:, None], out, jnp.zeros((), out.dtype))
 
 
-MIN_BLOCK_ROWS = 64  # XLA:CPU's batched matmul is slow on thin blocks (16 rows: ~3x 64's time)
+MIN_BLOCK_ROWS = 64  # XLA:CPU multiplies thin tiles slowly (16 rows: ~3x the time per row of 64)
 
 
 def block_rows(rows: int, num_groups: int) -> int:
@@ -89,31 +91,95 @@ def block_rows(rows: int, num_groups: int) -> int:
     return int(max(block, min(MIN_BLOCK_ROWS, 2 ** int(math.log2(max(rows, 8))))))
 
 
+def _tile_table(group_sizes: jax.Array, rows: int, block: int):
+    """Row tiles of each group: tile t covers rows [start[t], start[t] + block) of group[t],
+    of which the first valid[t] rows belong to it. Static length rows // block + E (enough
+    for any sizes); only the first `count` entries are real."""
+    num_groups = group_sizes.shape[0]
+    tiles_per_group = -(-group_sizes // block)
+    tile_ends = jnp.cumsum(tiles_per_group)
+    tile = jnp.arange(rows // block + num_groups)
+    group = jnp.minimum(jnp.searchsorted(tile_ends, tile, side="right"), num_groups - 1)
+    tile_in_group = tile - (tile_ends - tiles_per_group)[group]
+    start = (jnp.cumsum(group_sizes) - group_sizes)[group] + tile_in_group * block
+    valid = jnp.clip(group_sizes[group] - tile_in_group * block, 0, block)
+    return start, group, valid, tile_ends[-1]
+
+
+def _tile_loop_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block: int,
+                      transpose_rhs: bool) -> jax.Array:
+    """lhs `[rows, k]` rows of group e times rhs[e] (`[k, n]`, or `[n, k]` transposed)."""
+    rows, k = lhs.shape
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    start, group, valid, count = _tile_table(group_sizes, rows, block)
+    padded_lhs = jnp.concatenate([lhs, jnp.zeros((block, k), lhs.dtype)])
+    row_in_tile = jnp.arange(block)[:, None]
+    contract = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+
+    def tile_product(t, out):
+        tile_lhs = jax.lax.dynamic_slice_in_dim(padded_lhs, start[t], block)
+        product = jax.lax.dot_general(tile_lhs, rhs[group[t]], contract).astype(out.dtype)
+        current = jax.lax.dynamic_slice_in_dim(out, start[t], block)
+        kept = jnp.where(row_in_tile < valid[t], product, current)  # the rest is the next group's
+        return jax.lax.dynamic_update_slice_in_dim(out, kept, start[t], 0)
+
+    out = jax.lax.fori_loop(0, count, tile_product, jnp.zeros((rows + block, n), lhs.dtype))
+    return out[:rows]
+
+
+def _tile_loop_weight_grad(lhs: jax.Array, out_grad: jax.Array, group_sizes: jax.Array,
+                           block: int) -> jax.Array:
+    """d rhs `[E, k, n]` = per group lhs_e^T @ out_grad_e, accumulated in float32."""
+    rows, k = lhs.shape
+    n = out_grad.shape[1]
+    start, group, valid, count = _tile_table(group_sizes, rows, block)
+    padded_lhs = jnp.concatenate([lhs, jnp.zeros((block, k), lhs.dtype)])
+    padded_grad = jnp.concatenate([out_grad, jnp.zeros((block, n), out_grad.dtype)])
+    row_in_tile = jnp.arange(block)[:, None]
+
+    def accumulate(t, rhs_grad):
+        tile_lhs = jax.lax.dynamic_slice_in_dim(padded_lhs, start[t], block)
+        tile_lhs = jnp.where(row_in_tile < valid[t], tile_lhs, jnp.zeros((), lhs.dtype))
+        tile_grad = jax.lax.dynamic_slice_in_dim(padded_grad, start[t], block)
+        update = jax.lax.dot_general(tile_lhs, tile_grad, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        return rhs_grad.at[group[t]].add(update)
+
+    rhs_grad = jnp.zeros((group_sizes.shape[0], k, n), jnp.float32)
+    return jax.lax.fori_loop(0, count, accumulate, rhs_grad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block: int) -> jax.Array:
+    return _tile_loop_matmul(lhs, rhs, group_sizes, block, transpose_rhs=False)
+
+
+def _blocked_matmul_forward(lhs, rhs, group_sizes, block):
+    return _blocked_matmul(lhs, rhs, group_sizes, block), (lhs, rhs, group_sizes)
+
+
+def _blocked_matmul_backward(block, residuals, out_grad):
+    lhs, rhs, group_sizes = residuals
+    lhs_grad = _tile_loop_matmul(out_grad, rhs, group_sizes, block, transpose_rhs=True)
+    rhs_grad = _tile_loop_weight_grad(lhs, out_grad, group_sizes, block).astype(rhs.dtype)
+    return lhs_grad.astype(lhs.dtype), rhs_grad, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+_blocked_matmul.defvjp(_blocked_matmul_forward, _blocked_matmul_backward)
+
+
 def blocked_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """`ragged_dot` as dense block matmuls: each group is padded to whole blocks of rows, and
-    every block is multiplied by its own group's weights (gathered per block).
+    """`ragged_dot` as a loop over row tiles: each group's rows are cut into tiles of
+    `block_rows` rows, and only the tiles in use are multiplied, each by its group's weights
+    (the last tile of a group is partly the next group's rows, which it leaves untouched).
 
     XLA:CPU lowers `ragged_dot` to a dense masked matmul over all groups (E times the work);
-    this does (rows + E * block) rows of work instead.
+    this does sum_e ceil(size_e / block) tiles. The loop's trip count is dynamic, so the
+    backward (lhs grad: the same loop with rhs transposed; rhs grad: per-tile lhs^T @ grad
+    accumulated per group) is written out as a custom VJP.
     """
-    rows, k = lhs.shape
-    num_groups, _, n = rhs.shape
-    block = block_rows(rows, num_groups)
-    num_blocks = -(-rows // block) + num_groups  # every group may end in a partial block
-    ends = jnp.cumsum(group_sizes)
-    padded_sizes = -(-group_sizes // block) * block
-    padded_ends = jnp.cumsum(padded_sizes)
-    row = jnp.arange(rows)
-    group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), num_groups - 1)
-    in_a_group = row < ends[-1]
-    slot = (padded_ends - padded_sizes)[group] + row - (ends - group_sizes)[group]
-    slot = jnp.where(in_a_group, slot, num_blocks * block)  # out of range: dropped below
-    padded = jnp.zeros((num_blocks * block, k), lhs.dtype).at[slot].set(lhs, mode="drop")
-    block_group = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right")
-    block_weights = jnp.take(rhs, jnp.minimum(block_group, num_groups - 1), axis=0)
-    out = jnp.einsum("btk,bkn->btn", padded.reshape(num_blocks, block, k), block_weights)
-    out = jnp.take(out.reshape(num_blocks * block, n), jnp.minimum(slot, num_blocks * block - 1), axis=0)
-    return jnp.where(in_a_group[:, None], out, jnp.zeros((), out.dtype))
+    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
+    return _blocked_matmul(lhs, rhs, group_sizes, block_rows(lhs.shape[0], rhs.shape[0]))
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
