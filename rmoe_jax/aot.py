@@ -40,6 +40,13 @@ _LOOP_COSTS = flags.DEFINE_bool(
     "loop_costs", True, "FLOPs/bytes with every layer and micro-batch counted (extra small "
     "unrolled compiles, see scaled_costs); off: XLA's numbers for the real step (loops once).")
 
+WORST_CASE_BUFFERS_NOTE = (
+    "Note: dropless expert parallelism sends and receives worst-case buffers (every shard can "
+    "receive all of a device's rows: expert x rows per device), and the compiled FLOPs/bytes "
+    "count them whole (megablox gmm's cost estimate is 2*m*k*n for the static m, though its "
+    "grid visits only the filled tiles); 'model TFLOPs/chip' is what the math needs. "
+    "--config.model.moe.dispatch=capacity bounds the buffers by the capacity factor.")
+
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
 
@@ -321,8 +328,8 @@ def format_reports(reports: list[StepReport], *, devices: int, device_kind: str,
                                              f"{chip.hbm_bytes / gib:.0f} GiB HBM)" if chip else ""),
              "",
              "| step | args GiB | temp GiB | output GiB | peak GiB/chip | fits | TFLOPs/chip | "
-             "GB accessed/chip | roofline s | tokens/s | MFU bound | collectives |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+             "model TFLOPs/chip | GB accessed/chip | roofline s | tokens/s | MFU bound | collectives |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in reports:
         tokens_step = tokens_per_step[r.name] if isinstance(tokens_per_step, dict) else tokens_per_step
         fits = "-" if chip is None else ("yes" if r.peak_bytes <= chip.hbm_bytes else
@@ -336,10 +343,11 @@ def format_reports(reports: list[StepReport], *, devices: int, device_kind: str,
         else:
             seconds = tokens = mfu = "-"
         collectives = ", ".join(f"{k} {v}" for k, v in r.collectives.items() if v) or "none"
+        model = f"{model_flops_per_step / devices / 1e12:.3g}" if r.name == "train" else "-"
         lines.append(f"| {r.name} | {r.argument_bytes / gib:.2f} | {r.temp_bytes / gib:.2f} | "
                      f"{r.output_bytes / gib:.2f} | {r.peak_bytes / gib:.2f} | {fits} | "
-                     f"{r.flops / 1e12:.3g} | {r.bytes_accessed / 1e9:.3g} | {seconds} | {tokens} | "
-                     f"{mfu} | {collectives} |")
+                     f"{r.flops / 1e12:.3g} | {model} | {r.bytes_accessed / 1e9:.3g} | {seconds} | "
+                     f"{tokens} | {mfu} | {collectives} |")
     return "\n".join(lines)
 
 
@@ -394,6 +402,8 @@ def main(argv):
                          tokens_per_step=tokens, loop_costs=_LOOP_COSTS.value,
                          model_flops_per_step=model_train_flops(config.model, tokens.get("train", 0),
                                                                 config.data.seq_len)))
+    if config.model.moe.dispatch == "dropless" and config.mesh.expert > 1:
+        print(WORST_CASE_BUFFERS_NOTE)
     problems = [p for p in (fit_problem(r, chip) for r in reports) if p] if chip else []
     for problem in problems:
         print("DOES NOT FIT: " + problem)

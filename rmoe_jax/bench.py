@@ -4,13 +4,15 @@
         --repeats 5 --out BENCHMARKS.run.md
 
 Every variant is the real training step (`make_optimizer` + `make_train_step`, `jax.jit` with
-the state donated), built from `--config` with one change each:
+the state donated), built from `--config` (plus any `--set FIELD=VALUE` overrides, applied to
+all of them) with one change each:
 
     rmoe            the config as given (the RMoE router, its dispatch, its number of experts)
     smoe            model.router.name = linear                   (RMoE / SMoE ratio)
     capacity        model.moe.dispatch = capacity                (capacity / dropless ratio)
     dropless        model.moe.dispatch = dropless
     e<N>            model.moe.num_experts = N (dropless, same top-k and tokens)
+    attn_fused      model.attention_chunk = 0: one fused attention (fused / chunked ratio)
     matmul          a float32 N x N jnp.dot (the machine's dense matmul peak, for MFU)
     mixtral_torch   transformers' MixtralForCausalLM of the same shape, AdamW, PyTorch CPU
 
@@ -30,6 +32,7 @@ backward). MFU = model FLOPs per step / step time / measured matmul FLOP/s.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import json
@@ -295,7 +298,8 @@ def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -
               "|---|---:|---:|---|"]
     capacity_ref = "dropless" if "dropless" in variants else base_name
     rows = [("RMoE / SMoE step time", base_name, "smoe", "<= 1.03"),
-            ("capacity / dropless step time", "capacity", capacity_ref, "-")]
+            ("capacity / dropless step time", "capacity", capacity_ref, "-"),
+            ("fused / chunked attention step time", "attn_fused", base_name, "-")]
     sweep = sorted((int(k[1:]), k) for k in variants if k.startswith("e") and k[1:].isdigit())
     if len(sweep) >= 2:
         lo, hi = sweep[0], sweep[-1]
@@ -314,6 +318,20 @@ def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -
     return "\n".join(lines) + "\n"
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """`['model.num_layers=2', 'model.dtype=float32']` -> {'model.num_layers': 2, ...}."""
+    fields = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            fields[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            fields[name] = text
+    return fields
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,13 +341,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="steps timed per variant per round")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     p.add_argument("--experts", default="8,16,64", help="dropless expert-count sweep (fixed top-k)")
-    p.add_argument("--variants", default="rmoe,smoe,capacity,dropless,experts,matmul,mixtral_torch",
-                   help="comma list from: rmoe, smoe, capacity, dropless, experts, matmul, mixtral_torch")
+    p.add_argument("--variants", default="rmoe,smoe,capacity,dropless,experts,attn_fused,matmul,mixtral_torch",
+                   help="comma list from: rmoe, smoe, capacity, dropless, experts, attn_fused, matmul, "
+                        "mixtral_torch")
     p.add_argument("--capacity_factor", type=float, default=0.0,
                    help="capacity variant's factor; 0 = the config's")
     p.add_argument("--matmul_n", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = os.cpu_count()")
     p.add_argument("--dropout", type=float, default=-1.0, help=">= 0 overrides model.dropout_rate")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field for every variant, e.g. --set model.num_layers=2 "
+                        "(repeatable; values parsed as Python literals, else kept as strings)")
     p.add_argument("--out", default="", help="write the Markdown table here (and raw times to .json)")
     return p.parse_args(argv)
 
@@ -338,7 +360,14 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     import jax
 
+    from rmoe_jax.config import set_fields, validate
+
     base = load_config(args.config)
+    try:
+        set_fields(base, parse_overrides(args.set))
+    except KeyError as error:
+        raise SystemExit(f"--set: {error.args[0]}")
+    validate(base)
     args.seq_len = args.seq_len or int(base.data.seq_len)
     if args.dropout >= 0:
         base.model.dropout_rate = args.dropout
@@ -361,7 +390,8 @@ def main(argv=None) -> str:
     if "rmoe" in wanted:
         add("rmoe", lambda: jax_train_variant("rmoe", variant_config(base, **common),
                                               note=f"{base.model.router.name} router, {base_dispatch}, "
-                                                   f"E={base_experts}"))
+                                                   f"E={base_experts}, attention chunk "
+                                                   f"{base.model.attention_chunk}"))
     if "smoe" in wanted:
         add("smoe", lambda: jax_train_variant("smoe", variant_config(base, router="linear", **common),
                                               note=f"linear router, {base_dispatch}, E={base_experts}"))
@@ -382,6 +412,11 @@ def main(argv=None) -> str:
             add(name, lambda n=n, name=name: jax_train_variant(
                 name, variant_config(base, dispatch="dropless", num_experts=n, **common),
                 note=f"dropless, E={n}, top-{base.model.moe.top_k}"))
+    if "attn_fused" in wanted:
+        cfg = variant_config(base, **common)
+        cfg.model.attention_chunk = 0
+        add("attn_fused", lambda: jax_train_variant(
+            "attn_fused", cfg, note="one fused jax.nn.dot_product_attention (attention_chunk=0)"))
     if "matmul" in wanted:
         add("matmul", lambda: matmul_variant(args.matmul_n))
     if "mixtral_torch" in wanted:

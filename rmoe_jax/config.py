@@ -87,6 +87,10 @@ def model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; gating is always float32
             param_dtype="float32",
             remat_policy="none",
+            # Causal attention in chunks of this many query rows, each reading only the keys
+            # it can see (rmoe_jax/model/attention_core.py); 0 = one fused
+            # jax.nn.dot_product_attention over the whole sequence.
+            attention_chunk=128,
             # Layers per iteration of the layer scan (1 = a loop over layers). `rmoe_jax.aot`
             # unrolls fully (= num_layers) for its cost-only compiles: XLA's cost analysis
             # counts a loop body once.
@@ -217,6 +221,9 @@ def model_problems(model: ml_collections.ConfigDict, prefix: str = "model") -> l
     _check_choice(p, model.dtype, f"{prefix}.dtype", DTYPES)
     _check_choice(p, model.param_dtype, f"{prefix}.param_dtype", DTYPES)
     _check_choice(p, model.remat_policy, f"{prefix}.remat_policy", REMAT_POLICIES)
+    attention_chunk = model.get("attention_chunk", 0)
+    _check(p, isinstance(attention_chunk, int) and attention_chunk >= 0, f"{prefix}.attention_chunk",
+           f"must be an integer >= 0 (0 = unchunked), got {attention_chunk!r}")
     scan_unroll = model.get("scan_unroll", 1)
     _check(p, isinstance(scan_unroll, int) and scan_unroll >= 1, f"{prefix}.scan_unroll",
            f"must be an integer >= 1, got {scan_unroll!r}")

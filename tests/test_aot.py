@@ -49,11 +49,12 @@ def test_roofline_against_hand_computation():
                             collectives={"all-to-all": 4, "all-gather": 0})
     assert report.peak_bytes == 3 * 2**30
     # 8 chips, 1,000,000 tokens in 2.0 s = 500,000 tokens/s; model FLOPs 2.9376e15 over
-    # 8 chips x 459e12 x 2.0 s = 7.344e15 -> MFU bound 40%.
+    # 8 chips x 459e12 x 2.0 s = 7.344e15 -> MFU bound 40%; 2.9376e15 / 8 = 367.2 TFLOP per chip.
     table = aot.format_reports([report], devices=8, device_kind="TPU v5", chip=chip,
                                tokens_per_step=1_000_000, model_flops_per_step=2.9376e15)
     row = table.splitlines()[-1]
-    assert "| train | 1.00 | 2.00 | 1.00 | 3.00 | yes | 918 | 1e+03 | 2 | 500,000 | 40% | all-to-all 4 |" == row
+    assert ("| train | 1.00 | 2.00 | 1.00 | 3.00 | yes | 918 | 367 | 1e+03 | 2 | 500,000 | 40% "
+            "| all-to-all 4 |") == row
 
 
 def test_fit_problem_names_buffer_and_excess():

@@ -35,16 +35,32 @@ def test_bench_writes_table(tmp_path):
     # Two compiled train steps (rmoe, smoe); e4 is the rmoe program itself (4 experts, dropless).
     table = bench.main(["--config", str(config), "--batch_size", "2", "--steps", "1", "--repeats", "2",
                         "--experts", "4", "--matmul_n", "64", "--threads", "1",
-                        "--variants", "rmoe,smoe,experts,matmul,mixtral_torch", "--out", str(out)])
+                        "--variants", "rmoe,smoe,experts,attn_fused,matmul,mixtral_torch",
+                        "--set", "model.attention_chunk=4", "--set", "model.router.hidden_size=4",
+                        "--out", str(out)])
     text = out.read_text()
     assert table in text
-    for row in ("| rmoe |", "| smoe |", "| e4 |", "| mixtral_torch |", "RMoE / SMoE step time",
+    for row in ("| rmoe |", "| smoe |", "| e4 |", "| attn_fused |", "| mixtral_torch |",
+                "attention chunk 4", "fused / chunked attention step time", "RMoE / SMoE step time",
                 "tokens/s, rmoe_jax RMoE / transformers Mixtral", "MFU of RMoE", "Measured matmul peak"):
         assert row in text, row
     raw = json.loads((tmp_path / "bench.json").read_text())
     assert len(raw["rmoe"]["times"]) == 2 and all(t > 0 for t in raw["rmoe"]["times"])
     assert raw["rmoe"]["model_flops"] > 0 and raw["rmoe"]["peak_bytes"] > 0
     assert raw["e4"]["times"] == raw["rmoe"]["times"]
+
+
+def test_set_overrides_parse_and_refuse_unknown_fields(tmp_path):
+    assert bench.parse_overrides(["model.num_layers=2", "model.dtype=bfloat16", "a.b=0.5"]) == {
+        "model.num_layers": 2, "model.dtype": "bfloat16", "a.b": 0.5}
+    config = tmp_path / "toy.py"
+    config.write_text(TOY_CONFIG)
+    try:
+        bench.main(["--config", str(config), "--variants", "matmul", "--set", "model.num_layer=2"])
+    except SystemExit as error:
+        assert "model.num_layer" in str(error)
+    else:
+        raise AssertionError("an unknown --set field must be refused")
 
 
 def test_format_table_ratios():

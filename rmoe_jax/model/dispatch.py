@@ -4,8 +4,9 @@ Experts are stacked arrays (`w1`, `w3`: `[E, d, f]`, `w2`: `[E, f, d]`); no per-
   capacity  GShard/Switch one-hot dispatch/combine einsums; each sequence is a group with
             capacity C = ceil(k * seq * capacity_factor / E) slots per expert; slots are filled
             top-1 choices first, then top-2, ... in token order; the rest are dropped.
-  dropless  sort the N*k (token, expert) assignments by expert, grouped matmul with
-            `jax.lax.ragged_dot`, unsort. Nothing is dropped.
+  dropless  sort the N*k (token, expert) assignments by expert, grouped matmuls
+            (`grouped_matmul`: megablox on TPU, a tile loop on CPU, `ragged_dot` on GPU),
+            unsort. Nothing is dropped.
 With a capacity large enough to drop nothing both give the same outputs and gradients.
 """
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rmoe_jax.model import gating
+from rmoe_jax.model.attention_core import causal_attention
 from rmoe_jax.model.moe import MoEBlock
 from rmoe_jax.model.routers import SharedRouterParams, router_state_size
 from rmoe_jax.parallel import constrain
@@ -76,6 +77,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.02
     decode: bool = False  # KV-cache mode (see the module docstring)
+    chunk: int = 0  # query rows per chunk of causal attention (`causal_attention`); 0 = one
 
     @nn.compact
     def __call__(self, x, positions):
@@ -94,7 +96,7 @@ class Attention(nn.Module):
         query = rotary_embedding(proj(self.num_heads, "query")(x), positions, self.rope_theta)
         key = rotary_embedding(proj(self.num_kv_heads, "key")(x), positions, self.rope_theta)
         value = proj(self.num_kv_heads, "value")(x)
-        attended = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+        attended = causal_attention(query, key, value, self.chunk)
         out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.normal(self.init_std), name="out")
@@ -128,7 +130,7 @@ class Attention(nn.Module):
                                                     value.astype(query.dtype),
                                                     mask=mask[None, None])
         else:
-            attended = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+            attended = causal_attention(query, key, value, self.chunk)
         out = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.normal(self.init_std), name="out")
@@ -149,7 +151,8 @@ class DecoderLayer(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)  # noqa: E731
         head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         attention = Attention(cfg.num_heads, cfg.num_kv_heads, head_dim, cfg.rope_theta, dtype,
-                              param_dtype, cfg.init_std, self.decode, name="attention")
+                              param_dtype, cfg.init_std, self.decode,
+                              int(cfg.get("attention_chunk", 0)), name="attention")
         dropout = nn.Dropout(cfg.dropout_rate)
 
         hidden = constrain(hidden, ACTIVATION_AXES)
