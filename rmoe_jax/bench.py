@@ -20,6 +20,8 @@ Timing: after compiling every variant (compile time = lower + compile) and one w
 harness runs `--repeats` rounds; each round times `--steps` consecutive steps of every variant in
 turn (A B C A B C ...), blocking only after the last one, so noise from other processes hits all
 variants alike. Reported: median seconds per step over the rounds, and ratios of medians.
+`--profile DIR` then traces one more step of each JAX variant and tells where its time goes
+(attention, experts, router, ..., forward and backward: `rmoe_jax/step_profile.py`).
 
 Model FLOPs per step (analytic): tokens * (6 * N_active + 6 * L * S * d), where N_active is every
 parameter a token touches (top_k of num_experts experts, attention, router, norms, LM head; not the
@@ -130,6 +132,7 @@ class Variant:
     tokens: int = 0
     note: str = ""
     times: list = dataclasses.field(default_factory=list)  # seconds per step, one per round
+    hlo_text: str = ""  # the compiled step's HLO (for --profile); empty for non-JAX variants
 
     @property
     def median(self) -> float:
@@ -173,7 +176,7 @@ def jax_train_variant(name: str, config, *, seed: int = 0, note: str = "") -> Va
 
     flops, _ = model_flops_per_step(config.model, batch_size, seq_len)
     return Variant(name, run, compile_s=compile_s, peak_bytes=report.peak_bytes, xla_flops=report.flops,
-                   model_flops=flops, tokens=batch_size * seq_len, note=note)
+                   model_flops=flops, tokens=batch_size * seq_len, note=note, hlo_text=compiled.as_text())
 
 
 def matmul_variant(n: int) -> Variant:
@@ -352,6 +355,9 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field for every variant, e.g. --set model.num_layers=2 "
                         "(repeatable; values parsed as Python literals, else kept as strings)")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="after timing, trace one more step of each JAX variant into DIR/<variant> "
+                        "(jax.profiler, Perfetto) and add where its time goes to the output")
     p.add_argument("--out", default="", help="write the Markdown table here (and raw times to .json)")
     return p.parse_args(argv)
 
@@ -430,6 +436,14 @@ def main(argv=None) -> str:
     env = (f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
            f"{jax.devices()[0].platform}, float32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     table = format_table(variants, args, base_name, env)
+    if args.profile:
+        from rmoe_jax.step_profile import profile_step
+
+        for v in unique:
+            if v.hlo_text:
+                log(f"profiling {v.name} ...")
+                table += "\n" + profile_step(lambda v=v: v.run(1), v.hlo_text,
+                                             os.path.join(args.profile, v.name), v.name)
     print(table)
     if args.out:
         with open(args.out, "w") as f:

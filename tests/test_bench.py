@@ -37,12 +37,14 @@ def test_bench_writes_table(tmp_path):
                         "--experts", "4", "--matmul_n", "64", "--threads", "1",
                         "--variants", "rmoe,smoe,experts,attn_fused,matmul,mixtral_torch",
                         "--set", "model.attention_chunk=4", "--set", "model.router.hidden_size=4",
-                        "--out", str(out)])
+                        "--profile", str(tmp_path / "profile"), "--out", str(out)])
     text = out.read_text()
     assert table in text
     for row in ("| rmoe |", "| smoe |", "| e4 |", "| attn_fused |", "| mixtral_torch |",
                 "attention chunk 4", "fused / chunked attention step time", "RMoE / SMoE step time",
-                "tokens/s, rmoe_jax RMoE / transformers Mixtral", "MFU of RMoE", "Measured matmul peak"):
+                "tokens/s, rmoe_jax RMoE / transformers Mixtral", "MFU of RMoE", "Measured matmul peak",
+                "Where one `rmoe` step's time goes", "| router (backward) |", "| attention (forward) |",
+                "Where one `attn_fused` step's time goes"):
         assert row in text, row
     raw = json.loads((tmp_path / "bench.json").read_text())
     assert len(raw["rmoe"]["times"]) == 2 and all(t > 0 for t in raw["rmoe"]["times"])
