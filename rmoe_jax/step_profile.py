@@ -3,8 +3,8 @@
     python -m rmoe_jax.bench --config configs/enwik8_medium.py --variants rmoe,smoe \
         --profile runs/profile      # + one traced step per variant, and this table per variant
 
-The trace (`<dir>/<variant>/plugins/profile/*/perfetto_trace.json.gz`, for ui.perfetto.dev) has one event per
-executed XLA operation (fusion, dot, copy ...) named as in the compiled HLO. Each HLO
+The trace (`<dir>/<variant>/plugins/profile/*/perfetto_trace.json.gz`, for ui.perfetto.dev)
+has one event per executed XLA operation (fusion, dot, copy ...) named as in the compiled HLO. Each HLO
 instruction carries the `op_name` of the JAX operation it came from (`jit(step)/transpose(jvp(
 MoETransformer))/while/body/closed_call/layers/attention/...`), so an event's time can be
 charged to the module that produced it (attention, router, experts, norms, LM head, the layer
@@ -80,23 +80,28 @@ def leaf_events(events: list[dict]) -> list[dict]:
     return leaves
 
 
-def attribute(trace_events: list[dict], names: dict[str, str]) -> dict[str, float]:
-    """Seconds per part, from the leaf events whose name is an HLO instruction of the step."""
-    seconds: dict[str, float] = collections.Counter()
+def op_seconds(trace_events: list[dict], names: dict[str, str]) -> dict[str, tuple[float, int]]:
+    """HLO instruction -> (seconds, calls), from the leaf events that are instructions of the
+    step (`names`); a while loop's own event is dropped in favour of its body's."""
+    totals: dict[str, tuple[float, int]] = {}
     for event in leaf_events([e for e in trace_events if e.get("name") in names]):
-        seconds[part_of(names[event["name"]])] += event["dur"] / 1e6
+        seconds, calls = totals.get(event["name"], (0.0, 0))
+        totals[event["name"]] = (seconds + event["dur"] / 1e6, calls + 1)
+    return totals
+
+
+def attribute(per_op: dict[str, tuple[float, int]], names: dict[str, str]) -> dict[str, float]:
+    """Seconds per part of the model (`part_of`), from `op_seconds`."""
+    seconds: dict[str, float] = collections.Counter()
+    for name, (value, _) in per_op.items():
+        seconds[part_of(names[name])] += value
     return dict(seconds)
 
 
-def top_ops(trace_events: list[dict], names: dict[str, str], count: int = 10) -> list[tuple]:
+def top_ops(per_op: dict[str, tuple[float, int]], names: dict[str, str], count: int = 10) -> list[tuple]:
     """The `count` costliest HLO instructions: (seconds, calls, name, part), largest first."""
-    seconds: dict[str, float] = collections.Counter()
-    calls: dict[str, int] = collections.Counter()
-    for event in leaf_events([e for e in trace_events if e.get("name") in names]):
-        seconds[event["name"]] += event["dur"] / 1e6
-        calls[event["name"]] += 1
-    return [(value, calls[name], name, part_of(names[name]))
-            for name, value in sorted(seconds.items(), key=lambda item: -item[1])[:count]]
+    ranked = sorted(per_op.items(), key=lambda item: -item[1][0])[:count]
+    return [(value, calls, name, part_of(names[name])) for name, (value, calls) in ranked]
 
 
 def read_trace(directory: str) -> list[dict]:
@@ -118,8 +123,9 @@ def profile_step(run_one_step: Callable[[], None], hlo_text: str, directory: str
 
     with jax.profiler.trace(directory, create_perfetto_trace=True):
         run_one_step()
-    events, names = read_trace(directory), op_names(hlo_text)
-    return format_profile(name, attribute(events, names), top_ops(events, names))
+    names = op_names(hlo_text)
+    per_op = op_seconds(read_trace(directory), names)
+    return format_profile(name, attribute(per_op, names), top_ops(per_op, names))
 
 
 def format_profile(name: str, seconds: dict[str, float], top: list[tuple] = ()) -> str:

@@ -44,12 +44,13 @@ def test_nested_events_count_once_and_other_events_are_ignored():
         _event("add.5", 200, 10),
         _event("wrapped_broadcast.6", 220, 6),
     ]
-    seconds = step_profile.attribute(events, names)
+    per_op = step_profile.op_seconds(events, names)
+    seconds = step_profile.attribute(per_op, names)
     assert seconds == pytest.approx({"attention (forward)": 30e-6,
                                      "experts + dispatch (backward)": 40e-6,
                                      "router (backward)": 20e-6, step_profile.OUTSIDE: 10e-6,
                                      step_profile.UNATTRIBUTED: 6e-6})
-    top = step_profile.top_ops(events, names, count=2)
+    top = step_profile.top_ops(per_op, names, count=2)
     assert [(name, calls) for _, calls, name, _ in top] == [("dot.3", 1), ("fusion.1", 1)]
     table = step_profile.format_profile("rmoe", seconds, top)  # 40 of 106 microseconds
     assert "| experts + dispatch (backward) | 0.000 | 37.7% |" in table

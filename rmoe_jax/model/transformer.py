@@ -77,7 +77,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.02
     decode: bool = False  # KV-cache mode (see the module docstring)
-    chunk: int = 0  # query rows per chunk of causal attention (`causal_attention`); 0 = one
+    chunk: int = 0  # query rows per chunk (`causal_attention`); 0 = one fused attention
 
     @nn.compact
     def __call__(self, x, positions):
