@@ -138,6 +138,10 @@ def test_bad_model_config_lists_every_problem():
     cfg.router.cell = "transformer"
     with pytest.raises(ConfigError, match=r"(?s)router.cell: 'transformer'.*router.hidden_size: p must be > 0"):
         build_model(cfg)
+    cfg = model_config()
+    cfg.attention_chunk = -128
+    with pytest.raises(ConfigError, match=r"model.attention_chunk: must be an integer >= 0 \(0 = unchunked\), got -128"):
+        build_model(cfg)
 
 
 def _paper_medium(router):
