@@ -137,3 +137,45 @@ def test_analyze_cli_on_a_trained_run(compared, tmp_path, capsys):
         assert (tmp_path / png).stat().st_size > 1000
     assert "cross-layer MI" in capsys.readouterr().out
     assert analyze.main(["--workdir", str(tmp_path / "missing")]) == 2
+
+
+def numpy_bpc(workdir: str, split: str, batches: int) -> float:
+    """Bits per byte of a run's final params, from the model's logits with a float64 NumPy
+    log-softmax (independent of the runner's and evaluate's accumulation)."""
+    import numpy as np
+
+    from rmoe_jax import analysis
+
+    config, model, params, _ = analysis.load_trained(workdir)
+    nll, count = 0.0, 0.0
+    for batch in analysis.eval_batches(config, split, batches):
+        logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        logits = np.asarray(logits, np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        picked = np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+        w = np.asarray(batch["weights"], np.float64)
+        nll -= float(np.sum(picked * w))
+        count += float(np.sum(w))
+    return nll / count / np.log(2.0)
+
+
+def test_table_bpc_equals_evaluate_and_a_numpy_reference_and_deltas_are_paired(compared, capsys):
+    from rmoe_jax import evaluate
+
+    out, agg = compared
+    for router in ("smoe", "rmoe"):
+        workdir = os.path.join(out, "runs", f"{router}_seed0")
+        row = agg["rows"][router]
+        reference = numpy_bpc(workdir, "test", batches=1)
+        assert row["test_bpc"]["mean"] == pytest.approx(reference, rel=1e-5)
+        assert evaluate.main(["--workdir", workdir, "--split", "test", "--max_batches", "1",
+                              "--batch_size", str(TOY["train.batch_size"]),
+                              "--output", os.path.join(out, f"{router}_eval.json")]) == 0
+        evaluated = json.load(open(os.path.join(out, f"{router}_eval.json")))
+        assert evaluated["bits_per_byte"] == pytest.approx(row["test_bpc"]["mean"], rel=1e-6)
+    capsys.readouterr()
+    rows = agg["rows"]
+    assert rows["rmoe"]["delta_test"]["mean"] == pytest.approx(
+        rows["rmoe"]["test_bpc"]["mean"] - rows["smoe"]["test_bpc"]["mean"], abs=1e-9)
+    assert rows["rmoe"]["delta_test"]["mean"] != 0.0  # two different models: the check can fail

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+import torch  # required test dependencies (requirements-test.txt): a missing one fails, never skips
+import transformers
 
 from rmoe_jax import export
 from rmoe_jax.model import build_model
@@ -126,8 +128,6 @@ def test_import_fails_loudly_on_unexpected_missing_or_misshapen(tmp_path):
 
 
 def test_smoe_export_loads_in_transformers_mixtral(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     worst = 0.0
     for tied in (False, True):
         cfg = small_model("linear", tie_embeddings=tied, rms_norm_eps=1e-5, rope_theta=500.0)
@@ -162,8 +162,6 @@ def test_smoe_export_loads_in_transformers_mixtral(tmp_path):
 
 
 def test_rmoe_export_matches_a_torch_gru_router_on_mixtral(tmp_path):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     from torch_rmoe_reference import load_torch_rmoe
 
     cfg = small_model("recurrent", num_layers=4)
@@ -232,8 +230,6 @@ def test_tiny_max_shard_size_writes_an_index_that_loads(tmp_path):
         assert size <= 20_000 or len(load_file(os.path.join(out, shard))) == 1
     _, params2 = export.import_export(out)
     assert_trees_equal(params, params2)
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     hf = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32)
     np.testing.assert_array_equal(  # the last shard's tensor too
         hf.lm_head.weight.detach().numpy(), np.asarray(params["lm_head"]["kernel"]).T)

@@ -44,9 +44,11 @@ class RecurrentGate(nn.Module):
     """Drop-in for `MixtralTopKRouter`: forward(x) -> (logits, top-k weights, top-k indices)."""
 
     def __init__(self, layer: int, weight1: torch.Tensor, weight2: torch.Tensor, shared: SharedGRU,
-                 top_k: int):
+                 top_k: int, *, detach: bool = False, no_recurrence: bool = False):
         super().__init__()
         self.layer = layer
+        self.detach = detach  # RMoE-detach: h_{i-1} enters the cell without gradient
+        self.no_recurrence = no_recurrence  # RMoE-NP: every layer's cell sees h_{i-1} = 0
         self.weight1 = nn.Parameter(weight1)  # [p, d]
         self.weight2 = nn.Parameter(weight2)  # [E, p]
         self.top_k = top_k
@@ -56,7 +58,9 @@ class RecurrentGate(nn.Module):
         shared = self._shared[0]
         x = hidden_states.reshape(-1, self.weight1.shape[1])
         projected = F.linear(x, self.weight1)
-        previous = None if self.layer == 0 else shared.state  # layer 0 starts from h_0 = 0
+        previous = None if self.layer == 0 or self.no_recurrence else shared.state  # None: h = 0
+        if previous is not None and self.detach:
+            previous = previous.detach()
         h = shared.cell(projected, previous)
         shared.state = h
         logits = F.linear(h, self.weight2)
@@ -83,8 +87,11 @@ def mixtral_config_for(config_json: dict):
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def load_torch_rmoe(folder: str):
-    """transformers' Mixtral with its gates replaced by the GRU router, weights from `folder`."""
+def load_torch_rmoe(folder: str, *, detach: bool = False, no_recurrence: bool = False):
+    """transformers' Mixtral with its gates replaced by the GRU router, weights from `folder`.
+
+    `detach` / `no_recurrence`: the paper's RMoE-detach and RMoE-NP ablations (Table 5).
+    """
     from transformers import MixtralForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -108,5 +115,6 @@ def load_torch_rmoe(folder: str):
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}.block_sparse_moe."
         layer.mlp.gate = RecurrentGate(i, tensors[prefix + "weight1"], tensors[prefix + "weight2"],
-                                       shared, config_json["num_experts_per_tok"])
+                                       shared, config_json["num_experts_per_tok"], detach=detach,
+                                       no_recurrence=no_recurrence)
     return model
