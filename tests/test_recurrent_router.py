@@ -9,7 +9,7 @@ from rmoe_jax.model import build_model
 from rmoe_jax.model.routers import RecurrentRouter, SharedRouterParams
 
 import numpy_reference as ref
-from helpers import small_model
+from helpers import random_params, small_model
 
 VARIANTS = {
     "gru_biases": {"router.bias": True, "router.projector_bias": True, "router.init": "torch"},
@@ -39,7 +39,7 @@ def numpy_router_logits(params, moe_inputs, cfg):
     cell = params["router_shared"]["cell"]
     routers = params["layers"]["moe"]["router"]
     size = cfg.router.hidden_size * (2 if cfg.router.cell == "lstm" else 1)
-    state = np.zeros((moe_inputs.shape[1], size), np.float32)
+    state = np.zeros((moe_inputs.shape[1], size))
     all_logits = []
     for layer, x in enumerate(moe_inputs):
         layer_params = jax.tree.map(lambda a: np.asarray(a[layer]), routers)
@@ -65,12 +65,14 @@ def test_per_layer_logits_match_numpy_loop(variant):
     cfg = small_model("recurrent", **VARIANTS[variant])
     model = build_model(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    # O(1) random params (cosine heads: a random logit_scale per layer): at init scale the
+    # logits are ~1e-3 and e.g. a GRU with r and z swapped would pass.
+    params = random_params(cfg, seed=2, scale=0.5)
     _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
     recorded = state["intermediates"]["layers"]["moe"]
-    moe_inputs = np.asarray(recorded["moe_input"][0])  # [L, N, d]
+    moe_inputs = np.asarray(recorded["moe_input"][0], np.float64)  # [L, N, d]
     logits = np.asarray(recorded["router_logits"][0])  # [L, N, E]
-    numpy_params = jax.tree.map(np.asarray, params)
+    numpy_params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     np.testing.assert_allclose(logits, numpy_router_logits(numpy_params, moe_inputs, cfg),
                                rtol=2e-4, atol=2e-5)
     # One cell for all layers: stored once, with no leading layer axis.
