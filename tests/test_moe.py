@@ -109,12 +109,13 @@ def test_dispatch_strategies_agree_with_reference_outputs_and_grads():
             np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
 
 
-def numpy_kept(indices, capacity):
-    """GShard priority: all first choices (in token order), then all second choices, ..."""
+def numpy_kept(indices, capacity, num_experts=E):
+    """GShard priority: all first choices (in token order), then all second choices, ...
+    indices `[groups, seq, k]`; each group fills its own `capacity` slots per expert."""
     groups, seq, k = indices.shape
     kept = np.zeros(indices.shape, bool)
     for g in range(groups):
-        load = np.zeros(E, int)
+        load = np.zeros(num_experts, int)
         for slot in range(k):
             for s in range(seq):
                 e = indices[g, s, slot]
@@ -161,3 +162,100 @@ def test_grouped_matmul_matches_a_per_group_loop(group_sizes):
              for f in (blocked_matmul, jax.lax.ragged_dot)]
     for ours, reference in zip(*grads):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+# -- the TPU branch of grouped_matmul (megablox gmm), run on CPU in Pallas interpret mode --------
+
+@pytest.fixture
+def megablox_interpret(monkeypatch):
+    """`_megablox_matmul` exactly as the TPU branch calls it, with megablox's `gmm` (forward and
+    its own custom-VJP backward, gmm + tgmm) run by the Pallas interpreter instead of Mosaic."""
+    import functools
+
+    from jax.experimental.pallas.ops.tpu import megablox
+    from jax.experimental.pallas.ops.tpu.megablox import ops
+
+    # `_megablox_matmul` imports `gmm` from the package at call time, so this patch reaches it.
+    monkeypatch.setattr(megablox, "gmm", functools.partial(ops.gmm, interpret=True))
+    from rmoe_jax.model.dispatch import _megablox_matmul
+
+    return _megablox_matmul
+
+
+def numpy_grouped_matmul(lhs, rhs, group_sizes, probe):
+    """out, d lhs, d rhs of sum(out * probe) by a loop over groups (float64); rows past
+    sum(group_sizes) belong to no group: zero output, zero gradient."""
+    lhs, rhs, probe = (np.asarray(a, np.float64) for a in (lhs, rhs, probe))
+    out, lhs_grad, rhs_grad = np.zeros((lhs.shape[0], rhs.shape[2])), np.zeros_like(lhs), np.zeros_like(rhs)
+    start = 0
+    for group, size in enumerate(group_sizes):
+        rows = slice(start, start + size)
+        out[rows] = lhs[rows] @ rhs[group]
+        lhs_grad[rows] = probe[rows] @ rhs[group].T
+        rhs_grad[group] = lhs[rows].T @ probe[rows]
+        start += size
+    return out, lhs_grad, rhs_grad
+
+
+# rows, group sizes (4 groups): sizes off the 128-row tile, empty groups (first, middle, last),
+# rows past sum(group_sizes), and a row count the wrapper must pad up to the tile.
+MEGABLOX_CASES = [
+    (256, [100, 0, 57, 60]),
+    (256, [0, 0, 0, 256]),
+    (200, [130, 0, 1, 0]),
+]
+
+
+def _megablox_problem(rows, group_sizes, seed=5):
+    rng = np.random.default_rng(seed)
+    lhs = rng.normal(size=(rows, 128)).astype(np.float32)
+    rhs = rng.normal(size=(len(group_sizes), 128, 128)).astype(np.float32)
+    probe = rng.normal(size=(rows, 128)).astype(np.float32)
+    return lhs, rhs, probe
+
+
+def output_and_grads(fn, lhs, rhs, sizes, probe):
+    """fn(lhs, rhs, sizes) and the gradients of sum(out * probe) wrt lhs and rhs (one program)."""
+
+    @jax.jit
+    def run(lhs, rhs):
+        out, vjp = jax.vjp(lambda l, r: fn(l, r, sizes), lhs, rhs)
+        return (out, *vjp(probe))
+
+    return tuple(np.asarray(a) for a in run(jnp.asarray(lhs), jnp.asarray(rhs)))
+
+
+@pytest.mark.parametrize("rows,group_sizes", MEGABLOX_CASES)
+def test_megablox_branch_matches_per_group_loop_and_cpu_path(megablox_interpret, rows, group_sizes):
+    lhs, rhs, probe = _megablox_problem(rows, group_sizes)
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    used = sum(group_sizes)
+    want_out, want_lhs_grad, want_rhs_grad = numpy_grouped_matmul(lhs, rhs, group_sizes, probe)
+
+    tpu_out, tpu_lhs_grad, tpu_rhs_grad = output_and_grads(megablox_interpret, lhs, rhs, sizes, probe)
+    cpu_out, cpu_lhs_grad, cpu_rhs_grad = output_and_grads(blocked_matmul, lhs, rhs, sizes, probe)
+    tol = dict(rtol=1e-4, atol=1e-3)  # float32 sums of 128 (rhs grad: up to 256) products of N(0,1)
+    np.testing.assert_allclose(tpu_out, want_out, **tol)
+    np.testing.assert_array_equal(tpu_out[used:], 0.0)  # rows outside every group: exact zeros
+    np.testing.assert_allclose(tpu_rhs_grad, want_rhs_grad, **tol)  # empty groups: zero gradient
+    for group, size in enumerate(group_sizes):
+        if size == 0:
+            np.testing.assert_array_equal(tpu_rhs_grad[group], 0.0)
+    # The lhs gradient of rows inside a group (rows past sum(group_sizes): the next test).
+    np.testing.assert_allclose(tpu_lhs_grad[:used], want_lhs_grad[:used], **tol)
+    # The CPU path, which the TPU branch must agree with.
+    np.testing.assert_allclose(cpu_out, want_out, **tol)
+    np.testing.assert_allclose(cpu_lhs_grad, want_lhs_grad, **tol)
+    np.testing.assert_array_equal(cpu_lhs_grad[used:], 0.0)
+    np.testing.assert_allclose(cpu_rhs_grad, want_rhs_grad, **tol)
+    np.testing.assert_allclose(tpu_out, cpu_out, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(tpu_rhs_grad, cpu_rhs_grad, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(tpu_lhs_grad[:used], cpu_lhs_grad[:used], rtol=1e-5, atol=1e-4)
+
+
+def test_megablox_branch_gives_padding_rows_zero_gradient(megablox_interpret):
+    rows, group_sizes = 256, [100, 0, 57, 60]  # rows 217.. belong to no group
+    lhs, rhs, probe = _megablox_problem(rows, group_sizes)
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    _, lhs_grad, _ = output_and_grads(megablox_interpret, lhs, rhs, sizes, probe)
+    np.testing.assert_array_equal(lhs_grad[sum(group_sizes):], 0.0)  # as on CPU (the test above)

@@ -13,7 +13,7 @@ from rmoe_jax.model import build_model, decay_mask, frozen_mask
 from rmoe_jax.train import (TrainState, make_optimizer, make_schedule, make_train_step,
                             weighted_cross_entropy_sum)
 
-from helpers import small_model
+from helpers import random_params, small_model
 
 
 def small_model_config(router="recurrent", **router_options):
@@ -207,6 +207,73 @@ def test_grad_accumulation_equals_one_big_batch():
     s_other, _ = steps[1](_state(params, tx), other)
     assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in
                    zip(jax.tree.leaves(p1), jax.tree.leaves(s_other.params)))
+
+
+def gradient_recorder():
+    """An 'optimizer' that moves nothing and keeps the step's gradients as its state (exactly,
+    where p - sgd(1) update would lose bits to the subtraction)."""
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def test_grad_accumulation_averages_the_micro_batches_aux_losses():
+    # step.py's documented semantics: the CE part is the one-big-batch loss (micro-batch CE sums
+    # over the whole batch's weight); the aux part, not additive over tokens, is the mean of the k
+    # micro-batch aux losses (micro-batch i = rows i, i + k, ...). The reference is built from
+    # model.apply on each micro-batch (lax.map) and jax.grad, not from make_train_step.
+    model_cfg = small_model_config()
+    model_cfg.moe.balance_coef = 0.5  # large, so that the aux part weighs in the gradients
+    model_cfg.moe.z_loss_coef = 0.05
+    model = build_model(model_cfg)
+    params = random_params(model_cfg, seed=2)  # router logits of order 1: no near-tied experts
+    batch = random_batch(8, seed=5)
+    k = 4
+    micro_batches = {key: jnp.stack([value[i::k] for i in range(k)]) for key, value in batch.items()}
+
+    def loss(params):
+        """CE part + aux part (mean over micro-batches), with (CE part, aux part, each
+        micro-batch's aux losses)."""
+
+        def one(micro):
+            logits, aux = model.apply({"params": params}, micro["inputs"], deterministic=True)
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, micro["targets"])
+            losses = {name: aux[name] for name in ("aux_loss", "balance_loss", "z_loss")}
+            return jnp.sum(nll * micro["weights"]), losses
+
+        ce_sums, aux = jax.lax.map(one, micro_batches)  # (vmap: ragged_dot has no batching rule)
+        ce, aux_part = jnp.sum(ce_sums) / jnp.sum(batch["weights"]), jnp.mean(aux["aux_loss"])
+        return ce + aux_part, (ce, aux_part, aux)
+
+    @jax.jit
+    def reference(params):
+        (_, (ce, aux_part, per_micro)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        _, whole = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        return ce, aux_part, per_micro, grads, whole["balance_loss"]
+
+    want_ce, want_aux, per_micro, want_grads, whole_balance = reference(params)
+    tx = gradient_recorder()
+    state, metrics = jax.jit(make_train_step(model, tx, train_config(grad_accum_steps=k, batch_size=8)))(
+        _state(params, tx), batch)
+
+    # The micro-batches' aux losses differ and their mean is not the whole batch's, so the test
+    # tells "mean over micro-batches" from "one big batch" (and from a sum).
+    balances = np.asarray(per_micro["balance_loss"])
+    assert balances.max() - balances.min() > 1e-2
+    assert abs(float(whole_balance) - float(np.mean(balances))) > 1e-3
+    assert np.all(np.asarray(per_micro["z_loss"]) > 0.1)
+
+    assert float(metrics["ce_loss"]) == pytest.approx(float(want_ce), rel=1e-5)
+    for name in ("aux_loss", "balance_loss", "z_loss"):
+        want = float(np.mean(np.asarray(per_micro[name])))
+        assert float(metrics[name]) == pytest.approx(want, rel=1e-5), name
+    assert float(metrics["aux_loss"]) == pytest.approx(float(want_aux), rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(float(want_ce + want_aux), rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(want_grads)), rel=1e-4)
+    for (path, ours), expected in zip(jax.tree_util.tree_flatten_with_path(state.opt_state)[0],
+                                      jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()),
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_weighted_cross_entropy_ignores_zero_weights():

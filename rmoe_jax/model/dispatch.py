@@ -70,13 +70,16 @@ def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> 
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
     rows = lhs.shape[0]
+    # gmm leaves rows outside every group undefined, in its output and in its backward's lhs
+    # gradient; ragged_dot's contract is zeros for both. Masking the input as well as the
+    # output gives those rows a zero gradient (the where's backward zeroes them).
+    in_a_group = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+    lhs = jnp.where(in_a_group, lhs, jnp.zeros((), lhs.dtype))
     padded = -(-rows // GMM_TILE) * GMM_TILE  # gmm needs rows divisible by the row tile
     lhs = jnp.pad(lhs, ((0, padded - rows), (0, 0)))
     tiling = (GMM_TILE, min(GMM_TILE, lhs.shape[1]), min(GMM_TILE, rhs.shape[2]))
     out = gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype, tiling=tiling)[:rows]
-    # gmm leaves rows outside every group undefined; ragged_dot's contract is zeros.
-    in_a_group = jnp.arange(rows) < jnp.sum(group_sizes)
-    return jnp.where(in_a_group[:, None], out, jnp.zeros((), out.dtype))
+    return jnp.where(in_a_group, out, jnp.zeros((), out.dtype))
 
 
 MIN_BLOCK_ROWS = 64  # XLA:CPU multiplies thin tiles slowly (16 rows: ~3x the time per row of 64)
