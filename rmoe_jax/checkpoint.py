@@ -12,6 +12,13 @@ Layout::
     <directory>/<step>/state/     the TrainState pytree (Orbax StandardSave)
     <directory>/<step>/data/      process_<i>-of-<n>.json: the data iterator state of process i
     <directory>/<step>/config/    config.json
+    <directory>/<step>/rmoe_manifest.json   size and CRC-32 of every file above
+
+Integrity: once a step is finalized, process 0 writes its manifest (`write_manifests`, called
+after each save has finished). `verify_step` re-reads every file and compares: random bytes,
+a truncated file, a garbled JSON or a missing file are reported by step and file. A step
+without a manifest (written by an older version, or killed in the instant between finalizing
+and writing the manifest) is complete by Orbax's rename but unverified.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from typing import Any, List, Optional
+import zlib
+from typing import Any, Callable, List, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,6 +36,66 @@ from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
 STATE, DATA, CONFIG = "state", "data", "config"
+MANIFEST = "rmoe_manifest.json"
+_CHUNK = 16 << 20  # bytes read at a time when checksumming (checkpoint files can be GBs)
+
+
+# -- integrity ------------------------------------------------------------------------------------
+
+def _digest(path: epath.Path) -> tuple[int, int]:
+    """(size, CRC-32) of a file, read in chunks."""
+    size, crc = 0, 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            size += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+    return size, crc
+
+
+def _step_files(step_dir: epath.Path) -> list[str]:
+    """Every file under a step directory, relative to it (the manifest excluded)."""
+    out, pending = [], [step_dir]
+    while pending:  # epath has no recursive glob (it would mean one request per file on GCS)
+        for path in pending.pop().iterdir():
+            if path.is_dir():
+                pending.append(path)
+            elif path.name not in (MANIFEST, MANIFEST + ".tmp"):
+                out.append(str(path.relative_to(step_dir)))
+    return sorted(out)
+
+
+def write_manifest(step_dir: epath.Path) -> None:
+    """Record size and CRC-32 of every file of a finalized step (atomically: tmp + rename)."""
+    files = {name: list(_digest(step_dir / name)) for name in _step_files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=0))
+    tmp.rename(step_dir / MANIFEST)
+
+
+def verify_step(step_dir: epath.Path) -> Optional[list[str]]:
+    """Problems found in a step's files (empty: intact), or None when it has no manifest."""
+    step_dir = epath.Path(step_dir)
+    manifest = step_dir / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{manifest}: unreadable manifest ({type(e).__name__})"]
+    problems = []
+    present = set(_step_files(step_dir))
+    for name, (size, crc) in sorted(expected.items()):
+        path = step_dir / name
+        if name not in present:
+            problems.append(f"{path}: missing")
+            continue
+        got_size, got_crc = _digest(path)
+        if got_size != size:
+            problems.append(f"{path}: {got_size} bytes, {size} when saved (truncated or extended)")
+        elif got_crc != crc:
+            problems.append(f"{path}: contents changed since it was saved (checksum mismatch)")
+    problems += [f"{step_dir / name}: not part of the saved checkpoint" for name in sorted(present - set(expected))]
+    return problems
 
 
 def _encode(state: Any) -> Any:
@@ -91,6 +159,14 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: damaged, missing, or not the requested one."""
+
+
+def _listing(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if steps else "none"
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -133,7 +209,7 @@ class Checkpointer:
         """Start saving `step` (returns at once when async). False when it already exists."""
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(
+        started = self._manager.save(
             step,
             args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardSave(state),
@@ -142,10 +218,79 @@ class Checkpointer:
             }),
             force=True,
         )
+        self.write_manifests()  # Orbax finished the previous save before starting this one
+        return started
 
     def wait(self) -> None:
-        """Block until every started save is finalized (complete on disk)."""
+        """Block until every started save is finalized (complete on disk), with its manifest."""
         self._manager.wait_until_finished()
+        self.write_manifests()
+
+    def write_manifests(self) -> None:
+        """Write the manifest of every finalized step that lacks one (process 0 only)."""
+        if jax.process_index() != 0:
+            return
+        for step in self._manager.all_steps():
+            step_dir = self.directory / str(step)
+            try:
+                if not (step_dir / MANIFEST).exists():
+                    write_manifest(step_dir)
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # removed meanwhile by the keep-N policy
+
+    def verify(self, step: int) -> Optional[list[str]]:
+        """`verify_step` of one step: problems (empty = intact) or None (no manifest)."""
+        return verify_step(self.directory / str(step))
+
+    def set_aside(self, step: int, folder: epath.Path) -> epath.Path:
+        """Move a step out of the manager's reach into `folder` (kept, never deleted)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        target, n = folder / str(step), 1
+        while target.exists():
+            target, n = folder / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
+
+    def choose_step(self, requested: Optional[int], *, damaged_dir: epath.Path,
+                    superseded_dir: epath.Path, log: Callable[[str], None]) -> Optional[int]:
+        """The step to resume from: `requested`, or else the newest intact one.
+
+        Damaged steps (a manifest that does not match the files) are moved to `damaged_dir`
+        and reported; with `requested`, later steps are moved to `superseded_dir` (so the new
+        saves of those steps never collide with them). None: nothing to resume from.
+        Raises CheckpointError when `requested` does not exist or is damaged, or when
+        checkpoints exist but none is intact.
+        """
+        steps = sorted(self.all_steps())
+        if requested is not None:
+            if requested not in steps:
+                raise CheckpointError(f"train.resume_step={requested}: no such checkpoint in "
+                                      f"{self.directory} (complete steps: {_listing(steps)})")
+            problems = self.verify(requested)
+            if problems:
+                raise CheckpointError(f"train.resume_step={requested}: the checkpoint is damaged: "
+                                      + "; ".join(problems))
+            for later in (s for s in steps if s > requested):
+                moved = self.set_aside(later, superseded_dir)
+                log(f"resuming from step {requested}: later checkpoint {later} moved to {moved}")
+            return requested
+        for step in reversed(steps):
+            problems = self.verify(step)
+            if not problems:
+                if problems is None:
+                    log(f"checkpoint step {step} has no checksum manifest (an older version or a "
+                        "save interrupted just after it completed): restoring it unverified")
+                return step
+            moved = self.set_aside(step, damaged_dir)
+            log(f"checkpoint step {step} is damaged: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                + f"; moved to {moved}; falling back to the previous checkpoint")
+        if steps:
+            raise CheckpointError(f"no intact checkpoint left in {self.directory}: every step was "
+                                  f"damaged (moved to {damaged_dir}); move the workdir aside to "
+                                  "train from scratch")
+        return None
 
     # -- restore -------------------------------------------------------------------------------
     def restore(self, step: Optional[int], abstract_state: Any) -> Restored:
@@ -170,7 +315,7 @@ class Checkpointer:
         return restored[CONFIG]
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self):

@@ -116,7 +116,9 @@ def data_config() -> ml_collections.ConfigDict:
             sentencepiece_vocab_size=8000,
             sentencepiece_model="",  # '' = <data_dir>/<dataset>/sentencepiece_<vocab>.model
             seq_len=128,  # tokens per sequence; windows of seq_len + 1 overlap by one token
-            train_split="train",  # TFDS split string; slices like 'train[:10%]' work
+            # A TFDS split string. 'train[:10%]' slices records of a TFDS dataset, but windows of
+            # seq_len tokens of shakespeare/enwik8 (config.own_split_problem).
+            train_split="train",
             eval_split="validation",
             # enwik8 split, in bytes of the 100M-byte file (the standard 90M/5M/5M); their
             # sum must equal the file's size.
@@ -152,6 +154,9 @@ def train_config() -> ml_collections.ConfigDict:
             eval_batch_size=0,  # global eval batch, sequences; 0 means batch_size
             eval_at_start=True,  # evaluate the freshly initialised model (step 0)
             async_checkpoints=True,
+            resume_step=-1,  # checkpoint step to resume from; -1 = the newest intact one
+            allow_model_change=False,  # resume although model fields differ from the checkpoint's
+            allow_schedule_change=False,  # resume although the learning-rate schedule changed
             compilation_cache_dir="~/.cache/rmoe_jax/jax_cache",  # JAX persistent cache; '' = off
             inject_nan_at_step=-1,  # testing only: make the loss and grads NaN at this step
         )
@@ -301,6 +306,8 @@ def train_problems(train: ml_collections.ConfigDict, prefix: str = "train") -> l
            f"must be >= 0 (0 = batch_size), got {train.eval_batch_size}")
     _check(p, train.inject_nan_at_step >= -1, f"{prefix}.inject_nan_at_step",
            f"must be -1 (off) or a step, got {train.inject_nan_at_step}")
+    _check(p, train.resume_step == -1 or train.resume_step > 0, f"{prefix}.resume_step",
+           f"must be -1 (the newest intact checkpoint) or a saved step, got {train.resume_step}")
     return p
 
 
@@ -330,6 +337,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
 DATASET_OWN = ("shakespeare", "enwik8")
 DATASET_SPLITS = ("train", "validation", "test")  # the splits of the own datasets
 TOKENIZER_NAMES = ("byte", "sentencepiece")
+# A split of an own dataset: a split, a slice of one in WINDOWS of seq_len tokens ('train[:10%]',
+# 'test[-50:]', 'validation[100:200]'), or a sum of whole splits ('train+validation').
+OWN_SPLIT_SLICE = r"(?P<base>train|validation|test)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]"
+OWN_SPLIT_SUM = r"(train|validation|test)(\+(train|validation|test))*"
+
+
+def own_split_problem(split: str, dataset: str) -> str | None:
+    """Why `split` is not a split of `dataset` (shakespeare or enwik8), or None."""
+    import re
+
+    if re.fullmatch(OWN_SPLIT_SLICE, split) or re.fullmatch(OWN_SPLIT_SUM, split):
+        return None
+    return (f"{split!r} is not a split of {dataset}: use train, validation or test, a slice of "
+            "one in windows of seq_len tokens ('train[:10%]', 'test[100:200]', 'test[-50%:]'), "
+            "or a sum of whole splits ('train+validation')")
 
 
 def data_problems(data: ml_collections.ConfigDict, prefix: str = "data") -> list[str]:
@@ -359,9 +381,8 @@ def data_problems(data: ml_collections.ConfigDict, prefix: str = "data") -> list
         _check(p, isinstance(split, str) and split != "", f"{prefix}.{field}",
                "must be a TFDS split string such as 'train' or 'train[:10%]'")
         if own and isinstance(split, str) and split:
-            base = re.match(r"[A-Za-z0-9_]*", split).group(0)
-            _check(p, base in DATASET_SPLITS, f"{prefix}.{field}",
-                   f"{split!r}: {data.dataset} has splits {', '.join(DATASET_SPLITS)}")
+            problem = own_split_problem(split, data.dataset)
+            _check(p, problem is None, f"{prefix}.{field}", problem or "")
     if data.dataset == "enwik8":
         for field in ("enwik8_train_bytes", "enwik8_validation_bytes", "enwik8_test_bytes"):
             _check(p, data[field] > 0, f"{prefix}.{field}", f"must be > 0, got {data[field]}")

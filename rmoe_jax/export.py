@@ -121,6 +121,10 @@ def _json_config(config: ml_collections.ConfigDict) -> dict:
 
 # -- workdir checkpoints ----------------------------------------------------------------------------
 
+class DamagedCheckpointError(FileNotFoundError):
+    """A checkpoint whose files fail their checksums or hold non-finite values."""
+
+
 @dataclasses.dataclass
 class WorkdirCheckpoint:
     config: ml_collections.ConfigDict  # the full experiment config saved with the step
@@ -167,7 +171,9 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> WorkdirCheckpoint:
     """
     import orbax.checkpoint as ocp
 
-    from rmoe_jax.checkpoint import CONFIG, STATE
+    from etils import epath
+
+    from rmoe_jax.checkpoint import CONFIG, STATE, verify_step
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     directory = os.path.join(workdir, CHECKPOINT_DIR)
@@ -184,6 +190,11 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> WorkdirCheckpoint:
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; complete "
                                     f"steps: {', '.join(map(str, steps))}")
+        problems = verify_step(epath.Path(directory) / str(step))
+        if problems:  # never read a checkpoint whose files changed since they were saved
+            raise DamagedCheckpointError(
+                f"the checkpoint at step {step} in {directory} is damaged: " + "; ".join(problems)
+                + f". Complete steps: {', '.join(map(str, steps))}; pick another with --step")
         saved = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
         config = full_config_from_dict(saved[CONFIG])
         target = {"params": abstract_params(config.model)}
@@ -195,6 +206,13 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> WorkdirCheckpoint:
         manager.close()
     params = restored[STATE]["params"]
     _check_tree(params, target["params"], f"checkpoint {directory}/{step}")
+    bad = [("/".join(path), int(np.size(x) - np.isfinite(x).sum())) for path, x in _flat(params).items()
+           if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))]
+    if bad:
+        raise DamagedCheckpointError(
+            f"the checkpoint at step {step} in {directory} holds non-finite values: "
+            + ", ".join(f"{name} ({count} NaN/inf)" for name, count in bad[:5])
+            + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
     return WorkdirCheckpoint(config=config, params=params, step=int(step), workdir=workdir)
 
 

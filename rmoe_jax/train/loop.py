@@ -21,6 +21,7 @@ those of an uninterrupted run on the same hardware.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,20 +33,24 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from etils import epath
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from rmoe_jax import config as config_lib
 from rmoe_jax import parallel
-from rmoe_jax.checkpoint import Checkpointer
+from rmoe_jax.checkpoint import CheckpointError, Checkpointer
 from rmoe_jax.train import state as state_lib
 from rmoe_jax.train.metrics import MetricsWriter
 from rmoe_jax.train.optim import count_frozen, make_optimizer
+from rmoe_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 from rmoe_jax.train.step import finish_eval, make_eval_step, make_train_step
 
 DEFAULT_CACHE_DIR = "~/.cache/rmoe_jax/jax_cache"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"  # damaged steps are moved here (kept for inspection)
+SUPERSEDED_DIR = "checkpoints_superseded"  # steps after an explicit train.resume_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,6 +143,48 @@ def _diff(saved: Any, current: Any, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}: checkpoint has {saved!r}, config has {current!r}"]
 
 
+# Model fields that change how the step is computed, not the function it computes: a resumed run
+# may change them freely (e.g. another remat policy on other hardware).
+EXECUTION_FIELDS = ("model.remat_policy", "model.attention_chunk", "model.scan_unroll", "model.dtype")
+# Train fields that define the learning-rate schedule (num_steps only matters for cosine).
+SCHEDULE_FIELDS = ("train.schedule", "train.learning_rate", "train.warmup_steps",
+                   "train.final_learning_rate")
+
+
+def check_resumable(saved: dict, current: dict, step: int) -> None:
+    """Refuse a resume whose model or learning-rate schedule differs from the checkpoint's,
+    naming every differing field, unless train.allow_model_change / allow_schedule_change."""
+    model = [d for d in _diff(saved.get("model", {}), current["model"], "model")
+             if not d.startswith(tuple(f + ":" for f in EXECUTION_FIELDS))]
+    schedule_fields = SCHEDULE_FIELDS + (("train.num_steps",) if current["train"]["schedule"] == "cosine"
+                                         or saved.get("train", {}).get("schedule") == "cosine" else ())
+    schedule = [d for d in _diff(saved.get("train", {}), current["train"], "train")
+                if d.startswith(tuple(f + ":" for f in schedule_fields))]
+    problems = []
+    if model and not current["train"].get("allow_model_change", False):
+        problems.append("the model differs from the one trained so far (set "
+                        "--config.train.allow_model_change=True to resume anyway):\n  " + "\n  ".join(model))
+    if schedule and not current["train"].get("allow_schedule_change", False):
+        problems.append("the learning-rate schedule differs (with cosine, num_steps sets the decay: "
+                        "extending it jumps the learning rate; set "
+                        "--config.train.allow_schedule_change=True to resume anyway):\n  " + "\n  ".join(schedule))
+    if problems:
+        raise config_lib.ConfigError(f"cannot resume from the checkpoint at step {step}: "
+                                     + "\n".join(problems))
+
+
+def _restore_failure(ckpt: Checkpointer, step: int, saved: dict, current: dict, error: Exception) -> str:
+    mismatch = _diff(saved.get("model", {}), current["model"], "model")
+    if mismatch:
+        return (f"cannot restore the checkpoint at step {step} in {ckpt.directory} into this model "
+                f"({type(error).__name__}). It was trained with a different model:\n  " + "\n  ".join(mismatch))
+    earlier = [s for s in ckpt.all_steps() if s < step]
+    return (f"cannot restore the checkpoint at step {step} in {ckpt.directory} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:300] if str(error) else ''}); the model config matches, so "
+            "the files are likely damaged"
+            + (f": resume from an earlier step with --config.train.resume_step={earlier[-1]}" if earlier else ""))
+
+
 def _pad_batch(batch: dict, size: int) -> dict:
     """Pad a short (last) eval batch to `size` rows with weight 0."""
     n = next(iter(batch.values())).shape[0]
@@ -210,10 +257,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate_all(config)
     mesh = state_lib.make_mesh(config.mesh)
     rules = parallel.rules_from_config(config.mesh)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    # One run per workdir (process 0 holds the lock for all processes of a multi-host run).
+    lock = (WorkdirLock(workdir, log=lambda m: print(m, flush=True)) if jax.process_index() == 0
+            else contextlib.nullcontext())
     # The mesh and the logical-axis rules must be active while the steps are traced: the model
     # constrains activations by logical names and routes tokens to expert shards under them.
-    with _Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return _run(config, workdir, preemption, mesh, rules)
+    try:
+        with lock, _Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return _run(config, workdir, preemption, mesh, rules)
+    except (WorkdirLockedError, CheckpointError) as e:
+        raise config_lib.ConfigError(str(e)) from e
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemption, mesh, rules) -> dict:
@@ -244,19 +299,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
     try:
         config_json = _config_dict(config)
         data_state = None
-        latest = ckpt.latest_step()
+        requested = int(train_cfg.get("resume_step", -1))
+        latest = ckpt.choose_step(None if requested < 0 else requested,
+                                  damaged_dir=epath.Path(workdir) / DAMAGED_DIR,
+                                  superseded_dir=epath.Path(workdir) / SUPERSEDED_DIR,
+                                  log=lambda message: print(message, flush=True))
         if latest is not None:
+            saved = ckpt.restore_config(latest)
+            check_resumable(saved, config_json, latest)
             try:
                 restored = ckpt.restore(latest, state_lib.with_shardings(abstract_state, state_sh))
             except Exception as e:
-                # Model fields that leave the params alone (dropout, dtype, dispatch, ...) may change
-                # between runs; when the params no longer fit, name the fields that differ.
-                saved_model = ckpt.restore_config(latest).get("model", {})
-                mismatch = _diff(saved_model, config_json["model"], "model")
+                raise config_lib.ConfigError(_restore_failure(ckpt, latest, saved, config_json, e)) from e
+            if not bool(_all_finite(restored.state.params)):
                 raise config_lib.ConfigError(
-                    f"cannot restore the checkpoint at step {latest} in {ckpt.directory} into this "
-                    f"model ({type(e).__name__}). It was trained with a different model:\n  "
-                    + "\n  ".join(mismatch or ["(no model field differs)"])) from e
+                    f"the checkpoint at step {latest} in {ckpt.directory} holds non-finite parameters; "
+                    f"resume from an earlier one with --config.train.resume_step=STEP (complete "
+                    f"steps: {', '.join(map(str, ckpt.all_steps()))})")
             state, data_state = restored.state, restored.data_state
         else:
             state = jax.jit(init_fn, out_shardings=state_sh)()
@@ -301,7 +360,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
         return finish_eval(totals, byte_level=byte_level)
 
     # -- logging -----------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step if latest is not None else None)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step if latest is not None else -1)
     num_steps = int(train_cfg.num_steps)
     tokens_per_step = train_cfg.batch_size * seq_len
     final: dict[str, Any] = {"step": start_step, "stopped": "completed"}
@@ -348,7 +407,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
         raise NonFiniteLossError(
             f"{what}; training stopped without saving this step. Last good checkpoint: "
             + (f"step {good} in {ckpt.directory}" if good is not None else "none")
-            + ". Lower train.learning_rate or check the data before resuming.")
+            + ". If the data is sound, resume with a lower train.learning_rate "
+            "(and --config.train.allow_schedule_change=True).")
 
     def save(step: int) -> None:
         if not bool(_all_finite(state.params)):

@@ -24,13 +24,27 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _parse_lines(lines: list[str]) -> list[dict]:
+    """The JSON records of metrics lines; a line that does not parse (the half-written last
+    line of a killed process) is skipped."""
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
     """Records of `workdir`'s metrics file, optionally only one split ('train' / 'eval')."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = _parse_lines([line for line in f if line.strip()])
     return [r for r in records if split is None or r.get("split") == split]
 
 
@@ -38,6 +52,9 @@ class MetricsWriter:
     """Appends records to `<workdir>/metrics.jsonl` and scalars to TensorBoard event files."""
 
     def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
+        """`resume_step`: the step the run restarts from; records after it (and, for a run that
+        starts from scratch, `resume_step=-1`, every record) are dropped, so that no step is
+        logged twice. None appends to whatever is there."""
         self.enabled = enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
@@ -51,12 +68,13 @@ class MetricsWriter:
         self._tb = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` (written by a run that died before saving them)."""
+        """Drop records of steps after `step` (written by a run that died before saving them)
+        and any line that does not parse (a half-written last line)."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [json.dumps(r) + "\n" for r in _parse_lines(lines) if r.get("step", 0) <= step]
         if len(kept) != len(lines):
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
