@@ -18,6 +18,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rmoe_jax import cli  # first: picks the JAX platforms (rmoe_jax/platforms.py)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -35,6 +37,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    problem = cli.writable_dir_problem(_WORKDIR.value, "--workdir")
+    if problem:  # before any work: nothing is compiled or written for a run that cannot save
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
     import jax
 
     if _DISTRIBUTED.value:
@@ -44,7 +50,7 @@ def main(argv):
                                    num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
     from rmoe_jax.config import ConfigError
-    from rmoe_jax.train import NonFiniteLossError, run
+    from rmoe_jax.train import NonFiniteLossError, run, validate_all
 
     try:
         from rmoe_jax.data.errors import DataNotPreparedError
@@ -52,6 +58,12 @@ def main(argv):
         DataNotPreparedError = FileNotFoundError
 
     try:
+        from rmoe_jax.data.sources import prepare_dataset
+
+        validate_all(_CONFIG.value)  # bad values first, every field in one message
+        # The data before any work: a data dir that is a file or cannot be written, a missing or
+        # damaged raw file fail here, before anything is compiled or written to the workdir.
+        prepare_dataset(_CONFIG.value.data)
         final = run(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -68,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)  # absl exits with main's return value
+    cli.run(main)  # absl's app.run; a flag or config mistake exits 2 with one line

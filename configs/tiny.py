@@ -3,7 +3,7 @@
     python train.py --config configs/tiny.py --workdir /tmp/rmoe_tiny
 
 4 layers, d_model 128, 4 heads, 8 experts (top-2, FFN 128 each), GRU router with p = 64, byte
-tokens, sequences of 128 bytes, batch 16. Any router of the paper is one override away, e.g.
+tokens, sequences of 128 bytes, batch 8. Any router of the paper is one override away, e.g.
 `--config.model.router.name=linear` (SMoE); see configs/enwik8_medium.py for the full list.
 """
 

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from rmoe_jax import analysis
+    from rmoe_jax import analysis, cli
+
+    cli.quiet_logs()
 
     workdirs = [w for w in args.workdir.split(",") if w]
     summaries = {}

@@ -26,9 +26,10 @@ import sys
 import re
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from rmoe_jax import cli
 from rmoe_jax.config import set_fields
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -372,8 +373,9 @@ def main(argv):
 
         try:
             generation, _ = parse_topology(_TOPOLOGY.value)
-        except TopologyError as error:
-            raise SystemExit(f"rmoe_jax.aot: {error}")
+        except TopologyError as error:  # a command-line mistake: one line, exit status 2
+            print(f"error: --topology {_TOPOLOGY.value}: {error}", file=sys.stderr, flush=True)
+            return 2
         configure_libtpu_env(_TOPOLOGY.value)
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; the TPU is abstract
     import jax
@@ -413,4 +415,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)  # a flag or config mistake: one line, exit 2

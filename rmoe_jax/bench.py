@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -53,14 +52,10 @@ import numpy as np
 # Configs
 
 def load_config(spec: str):
-    """`path/to/config.py[:arg]` -> the file's `get_config(arg)`."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_bench_config", path)
-    if module_spec is None:
-        raise ValueError(f"--config: cannot load {path!r}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    """`path/to/config.py[:arg]` -> the file's `get_config(arg)`; `cli.CliError` says why not."""
+    from rmoe_jax.cli import load_config_file
+
+    return load_config_file(spec, "--config")
 
 
 def variant_config(base, *, router: str | None = None, dispatch: str | None = None,
@@ -327,7 +322,8 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         name, sep, text = item.partition("=")
         if not sep or not name:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+            print(f"error: --set {item!r}: expected FIELD=VALUE", file=sys.stderr, flush=True)
+            raise SystemExit(2)
         try:
             fields[name] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -366,14 +362,16 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     import jax
 
-    from rmoe_jax.config import set_fields, validate
+    from rmoe_jax.cli import CliError, apply_overrides
+    from rmoe_jax.config import ConfigError, validate
 
-    base = load_config(args.config)
-    try:
-        set_fields(base, parse_overrides(args.set))
-    except KeyError as error:
-        raise SystemExit(f"--set: {error.args[0]}")
-    validate(base)
+    try:  # a mistake in --config or --set: one line, exit status 2
+        base = load_config(args.config)
+        apply_overrides(base, parse_overrides(args.set), "--set ")
+        validate(base)
+    except (CliError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     args.seq_len = args.seq_len or int(base.data.seq_len)
     if args.dropout >= 0:
         base.model.dropout_rate = args.dropout

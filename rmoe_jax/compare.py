@@ -677,7 +677,9 @@ def main(argv=None) -> int:
             return 2
         return 0
 
-    app.run(_main, argv=argv)
+    from rmoe_jax import cli
+
+    cli.run(_main, argv=argv)  # a flag or config mistake: one line, exit 2
     return 0
 
 

@@ -123,7 +123,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     source.add_argument("--export", help="export folder (python -m rmoe_jax.export --out)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--split", default="test",
-                        help="data split, TFDS syntax (test, validation, 'test[:10%%]'); "
+                        help="data split: test, validation, train, or a slice of one: "
+                             "'test[:10%%]' is the first 10%% of its windows of seq_len tokens "
+                             "(shakespeare, enwik8; a TFDS dataset's slices count records); "
                              "default %(default)s")
     parser.add_argument("--batch_size", type=int, default=0,
                         help="sequences per batch (default: the run's eval batch size)")

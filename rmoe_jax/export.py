@@ -11,7 +11,11 @@ layout (`[out, in]`), `model.safetensors` or shards plus `model.safetensors.inde
   `transformers.MixtralForCausalLM.from_pretrained(folder)` loads it (and gives our logits
   whenever `config.json["rmoe_jax"]["transformers_exact"]` is true).
 * A recurrent router uses the RMoE authors' names (`block_sparse_moe.weight1/weight2`,
-  `model.rnn_router.*`) and their `LlamaMoeRNNConfig` fields.
+  `model.rnn_router.*`) and their `LlamaMoeRNNConfig` fields, and the export carries its own
+  transformers code (`rmoe_jax/hf_remote/`, copied in, with an `auto_map` in config.json):
+  `transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it
+  and gives our logits. A variant that code cannot reproduce (`remote_code_problems`) is
+  exported without it, or refused with `remote_code=True` (the CLI's default).
 * Everything the spec's names cannot express (router biases, MLP/cosine/XMoE/hyper routers,
   RNN/LSTM cells, S-proj, shared experts) gets names in the same style under the same prefix,
   each listed with its meaning in `config.json["rmoe_jax"]["extension_tensors"]`.
@@ -21,8 +25,10 @@ layout (`[out, in]`), `model.safetensors` or shards plus `model.safetensors.inde
 Public API:
   load_workdir(workdir, step=None) -> WorkdirCheckpoint(config, params, step, workdir)
   export_model(model_config, params, out, *, data_config=None, dtype, max_shard_size,
-               overwrite, tokenizer_file=None, source=None) -> out path
-  export_workdir(workdir, out, *, step=None, dtype, max_shard_size, overwrite) -> out path
+               overwrite, tokenizer_file=None, source=None, remote_code=None) -> out path
+  export_workdir(workdir, out, *, step=None, dtype, max_shard_size, overwrite,
+                 remote_code=True) -> out path
+  remote_code_problems(model_config) -> why the transformers code cannot run it ([] = it can)
   read_export(folder) -> Export(model_config, params, data_config, tokenizer_file, config_json)
   import_export(folder) -> (model_config, params)
   to_torch_tensors(model_config, params) -> {name: np.ndarray}   (the name mapping)
@@ -46,6 +52,7 @@ import ml_dtypes
 import numpy as np
 
 from rmoe_jax import config as config_lib
+from rmoe_jax import hf_remote
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -535,6 +542,15 @@ def is_mixtral(model_config: ml_collections.ConfigDict) -> bool:
 def transformers_notes(model_config: ml_collections.ConfigDict) -> list[str]:
     """Why `MixtralForCausalLM` would NOT reproduce this model's logits (empty = it does)."""
     cfg, notes = model_config, []
+    if cfg.router.name == "recurrent":
+        problems = remote_code_problems(cfg)
+        if not problems:
+            return ["MixtralForCausalLM cannot run a recurrent router; "
+                    "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) runs the "
+                    f"modeling code shipped in the folder ({hf_remote.MODELING_FILE}) and reproduces "
+                    "the logits"]
+        return ["MixtralForCausalLM cannot run a recurrent router, and the export holds no "
+                "transformers code for this variant: " + "; ".join(problems)]
     if not is_mixtral(cfg):
         return [f"router {cfg.router.name!r} has no transformers implementation; load it with "
                 "the RMoE authors' code (recurrent) or your own, following extension_tensors"]
@@ -548,6 +564,46 @@ def transformers_notes(model_config: ml_collections.ConfigDict) -> list[str]:
         notes.append("moe.dispatch='capacity' drops tokens over an expert's capacity; Mixtral "
                      "never drops (logits differ wherever a token was dropped)")
     return notes
+
+
+def remote_code_problems(model_config: ml_collections.ConfigDict) -> list[str]:
+    """Why the shipped transformers code (rmoe_jax/hf_remote) would NOT reproduce this
+    recurrent-router model, one "field: why" each; [] = it does. Only recurrent routers ship
+    transformers code (linear/random ones are Mixtral checkpoints)."""
+    cfg = model_config
+    if cfg.router.name != "recurrent":
+        return [f"model.router.name: {cfg.router.name!r}; only recurrent routers ship "
+                "transformers code"]
+    problems = []
+    if cfg.moe.dispatch == "capacity":
+        problems.append("model.moe.dispatch: 'capacity' drops the tokens over an expert's "
+                        "capacity (so a token's output depends on the later tokens of its "
+                        "sequence); the transformers code never drops a token")
+    return problems
+
+
+def _remote_code_refusal(problems: list[str]) -> ExportError:
+    return ExportError("cannot export this RMoE with its transformers code, which would not "
+                       "reproduce the model:\n  " + "\n  ".join(problems) + "\n(--skip_remote_code "
+                       "/ remote_code=False exports it without that code; "
+                       "rmoe_jax.export.import_export still reads it back)")
+
+
+def _remote_code_fields(cfg: ml_collections.ConfigDict) -> dict:
+    """LlamaMoeRNNConfig fields for our extensions (rmoe_jax/hf_remote/configuration_*.py)."""
+    router = cfg.router
+    return {
+        "rmoe_router_bias": bool(router.bias) and router.head == "linear",
+        "rmoe_projector_bias": bool(router.projector_bias),
+        "rmoe_shared_projector": bool(router.shared_projector),
+        "rmoe_no_recurrence": bool(router.no_recurrence),
+        "rmoe_detach": bool(router.detach),
+        "rmoe_residual_alpha": float(router.residual_alpha),
+        "rmoe_residual_detach": bool(router.residual_detach),
+        "rmoe_router_head": router.head,
+        "rmoe_xmoe_dim": router.xmoe_dim if router.head == "xmoe" else None,
+        "rmoe_renormalize": bool(cfg.moe.renormalize),
+    }
 
 
 def _tokenizer_ids(data_config) -> dict:
@@ -607,6 +663,10 @@ def hf_config(model_config: ml_collections.ConfigDict, *, dtype: str = "float32"
             moe_router_type=router.cell if router.name == "recurrent" else router.name,
             moe_router_rnn_hidden_size=router.hidden_size if router.name == "recurrent" else None,
         )
+        if router.name == "recurrent":
+            out.update(_remote_code_fields(cfg))
+            if not remote_code_problems(cfg):
+                out["auto_map"] = dict(hf_remote.AUTO_MAP)
     return out
 
 
@@ -616,17 +676,24 @@ def _extension_docs(model_config) -> dict[str, str]:
 
 
 def build_config_json(model_config, *, dtype="float32", data_config=None, tokenizer=None,
-                      source=None) -> dict:
+                      source=None, remote_code: bool = True) -> dict:
+    """config.json: the transformers fields, and our block. remote_code=False: the export
+    holds no transformers code (so no auto_map either)."""
     notes = transformers_notes(model_config)
     out = hf_config(model_config, dtype=dtype, data_config=data_config)
+    if not remote_code and "auto_map" in out:
+        del out["auto_map"]
+        notes = ["MixtralForCausalLM cannot run a recurrent router, and this export was written "
+                 "without transformers code (remote_code=False / --skip_remote_code)"]
     out["rmoe_jax"] = {
         "format_version": FORMAT_VERSION,
         "model": _json_config(model_config),
         "data": None if data_config is None else _json_config(data_config),
         "tokenizer": tokenizer or {"type": "unknown"},
         "extension_tensors": _extension_docs(model_config),
-        "transformers_exact": not notes,
+        "transformers_exact": not notes,  # MixtralForCausalLM reproduces our logits
         "transformers_notes": notes,
+        "remote_code_files": list(hf_remote.FILES) if "auto_map" in out else [],
         "dtype": dtype,
         "source": source or {},
     }
@@ -708,11 +775,16 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
                  data_config: Optional[ml_collections.ConfigDict] = None,
                  dtype: str = "float32", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                  overwrite: bool = False, tokenizer_file: Optional[str] = None,
-                 source: Optional[dict] = None) -> str:
+                 source: Optional[dict] = None, remote_code: Optional[bool] = None) -> str:
     """Write `params` of the model `model_config` to the folder `out` (see the module doc).
 
     tokenizer_file: a SentencePiece model to copy in as `tokenizer.model` (None: no tokenizer
     files; the byte tokenizer has none). Returns the absolute path of `out`.
+    remote_code (recurrent routers only; other routers ignore it): whether to ship the
+    transformers code of rmoe_jax/hf_remote (and an `auto_map`) in the folder. None: whenever
+    it reproduces the model (`remote_code_problems` is empty), else the export goes without
+    it (config.json's transformers_notes says why); True: always, and a variant it cannot
+    reproduce is an ExportError naming the config field; False: never.
     """
     from safetensors.numpy import save_file
 
@@ -723,6 +795,12 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
     max_bytes = parse_size(max_shard_size)
     model_config = ml_collections.ConfigDict(model_config.to_dict())
     config_lib.validate_model(model_config)
+    with_code = model_config.router.name == "recurrent" and remote_code is not False
+    if with_code:
+        problems = remote_code_problems(model_config)
+        if problems and remote_code:
+            raise _remote_code_refusal(problems)
+        with_code = not problems
     _check_tree(params, abstract_params(model_config), "params")
     target = EXPORT_DTYPES[dtype]
     tensors = {n: np.asarray(np.asarray(t).astype(target), order="C")
@@ -734,7 +812,7 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
     if tokenizer["type"] == "sentencepiece":
         tokenizer["file"] = TOKENIZER_FILE if tokenizer_file else None
     config_json = build_config_json(model_config, dtype=dtype, data_config=data_config,
-                                    tokenizer=tokenizer, source=source)
+                                    tokenizer=tokenizer, source=source, remote_code=with_code)
 
     def write(folder: str) -> None:
         metadata = {"format": "pt"}
@@ -754,6 +832,9 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
                 json.dump(index, f, indent=2)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, os.path.join(folder, TOKENIZER_FILE))
+        if with_code:
+            for name in hf_remote.FILES:
+                shutil.copyfile(hf_remote.path(name), os.path.join(folder, name))
         with open(os.path.join(folder, CONFIG_FILE), "w") as f:
             json.dump(config_json, f, indent=2)
 
@@ -777,14 +858,21 @@ def _tokenizer_file(data_config) -> Optional[str]:
 def export_workdir(workdir: str, out: str, *, step: Optional[int] = None,
                    dtype: str = "float32", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                    overwrite: bool = False, tokenizer_file: Optional[str] = None,
-                   skip_tokenizer: bool = False) -> str:
-    """Export the params of a workdir's checkpoint (latest, or `step`) to `out`."""
+                   skip_tokenizer: bool = False, remote_code: Optional[bool] = True) -> str:
+    """Export the params of a workdir's checkpoint (latest, or `step`) to `out`.
+
+    remote_code: as for `export_model`; True by default here (and in the CLI), so an RMoE
+    whose transformers code would not reproduce it is refused (before anything is written)."""
     out_abs = os.path.abspath(os.path.expanduser(out))
     _check_target(out_abs, overwrite)  # before loading anything
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype: {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     parse_size(max_shard_size)
     ckpt = load_workdir(workdir, step)
+    if remote_code and ckpt.config.model.router.name == "recurrent":
+        problems = remote_code_problems(ckpt.config.model)
+        if problems:  # export_model's refusal, before the tokenizer is looked for
+            raise _remote_code_refusal(problems)
     if tokenizer_file is None and not skip_tokenizer:
         tokenizer_file = _tokenizer_file(ckpt.config.data)
     if skip_tokenizer:
@@ -792,7 +880,8 @@ def export_workdir(workdir: str, out: str, *, step: Optional[int] = None,
     return export_model(ckpt.config.model, ckpt.params, out_abs, data_config=ckpt.config.data,
                         dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                         tokenizer_file=tokenizer_file,
-                        source={"workdir": ckpt.workdir, "step": ckpt.step})
+                        source={"workdir": ckpt.workdir, "step": ckpt.step},
+                        remote_code=remote_code)
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -815,8 +904,7 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
     if os.path.exists(single) and os.path.exists(index_path):
         raise ExportError(f"{folder} holds both {WEIGHTS_FILE} and {INDEX_FILE}; keep one")
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ExportError(f"{index_path} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -830,20 +918,103 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
         path = os.path.join(folder, filename)
         if not os.path.exists(path):
             raise ExportError(f"{path} is listed in {INDEX_FILE} but missing")
-        with safe_open(path, framework="np") as f:
-            for name in f.keys():
-                if name in tensors:
-                    problems.append(f"{name}: in more than one file")
-                elif weight_map is not None and weight_map.get(name) != filename:
-                    problems.append(f"{name}: in {filename}, but the index says "
-                                    f"{weight_map.get(name)}")
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(path, framework="np") as f:
+                for name in f.keys():
+                    if name in tensors:
+                        problems.append(f"{name}: in more than one file")
+                    elif weight_map is not None and weight_map.get(name) != filename:
+                        problems.append(f"{name}: in {filename}, but the index says "
+                                        f"{weight_map.get(name)}")
+                    tensors[name] = f.get_tensor(name)
+        except Exception as error:  # safetensors' SafetensorError: cut, garbled or not a file
+            if isinstance(error, ExportError):
+                raise
+            raise ExportError(f"{path} is damaged or truncated ({' '.join(str(error).split())}): "
+                              "export the checkpoint again (python -m rmoe_jax.export --workdir "
+                              "RUN --out NEW_FOLDER)") from None
+    _check_finite(tensors, folder)
     if weight_map is not None:
         problems += [f"{n}: listed in the index ({fn}) but not in that file"
                      for n, fn in weight_map.items() if n not in tensors]
     if problems:
         raise ExportError(f"inconsistent export {folder}:\n  " + "\n  ".join(problems))
     return tensors
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from `path`; ExportError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path} is not valid JSON ({error}): the export is damaged; export "
+                          "the checkpoint again (python -m rmoe_jax.export)") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path} holds a JSON {type(value).__name__}, not an object: the "
+                          "export is damaged; export the checkpoint again")
+    return value
+
+
+def _check_finite(tensors: dict[str, np.ndarray], folder: str) -> None:
+    """ExportError naming every tensor holding NaN or inf (a damaged or diverged export)."""
+    bad = []
+    for name, tensor in tensors.items():
+        array = np.asarray(tensor)
+        if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16:
+            count = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if count:
+                bad.append(f"{name} ({count:,} of {array.size:,} values)")
+    if bad:
+        raise ExportError(f"{folder}: non-finite values (NaN or inf) in {len(bad)} tensor"
+                          f"{'s' if len(bad) > 1 else ''}: {', '.join(bad[:5])}"
+                          f"{', ...' if len(bad) > 5 else ''}; the export (or the checkpoint it "
+                          "came from) is damaged or diverged: export an earlier checkpoint "
+                          "(--step N)")
+
+
+def _tensor_facts(tensors: dict[str, np.ndarray]) -> dict[str, tuple[int, str]]:
+    """{config.json field: (its value as the tensors say, which tensor says so)} for the fields
+    transformers builds the model from."""
+    import re
+
+    facts: dict[str, tuple[int, str]] = {}
+    layers = sorted({int(m.group(1)) for n in tensors
+                     if (m := re.match(r"model\.layers\.(\d+)\.", n))})
+    if layers:
+        facts["num_hidden_layers"] = (layers[-1] + 1, f"layers (model.layers.0.* to "
+                                                      f"model.layers.{layers[-1]}.*)")
+    moe = "model.layers.0.block_sparse_moe.experts"
+    experts = sorted({int(m.group(1)) for n in tensors
+                      if (m := re.match(re.escape(moe) + r"\.(\d+)\.", n))})
+    if experts:
+        facts["num_local_experts"] = (experts[-1] + 1, f"experts per layer (the last: "
+                                                       f"{moe}.{experts[-1]}.w1.weight)")
+        w1 = tensors.get(f"{moe}.0.w1.weight")
+        if w1 is not None and np.ndim(w1) == 2:
+            facts["intermediate_size"] = (int(np.shape(w1)[0]), f"({moe}.0.w1.weight has shape "
+                                                                f"{list(np.shape(w1))})")
+    embed = tensors.get("model.embed_tokens.weight")
+    if embed is not None and np.ndim(embed) == 2:
+        shape = f"(model.embed_tokens.weight has shape {list(np.shape(embed))})"
+        facts["vocab_size"] = (int(np.shape(embed)[0]), shape)
+        facts["hidden_size"] = (int(np.shape(embed)[1]), shape)
+    return facts
+
+
+def _check_hf_fields(path: str, config_json: dict, tensors: dict[str, np.ndarray]) -> None:
+    """ExportError when config.json's transformers fields disagree with the tensors (what
+    transformers would build from them is not the model the tensors hold)."""
+    facts = _tensor_facts(tensors)
+    if "intermediate_size" in facts and config_json.get("moe_expert_intermediate_size"):
+        # LlamaMoeRNNConfig: intermediate_size may be a dense FFN's; the experts' is this one.
+        facts["moe_expert_intermediate_size"] = facts.pop("intermediate_size")
+    problems = [f"{field} is {config_json[field]!r} but the tensors hold {value} {why}"
+                for field, (value, why) in facts.items()
+                if field in config_json and config_json[field] != value]
+    if problems:
+        raise ExportError(f"{path} disagrees with its tensors: {'; '.join(problems)}. Correct "
+                          "config.json, or export the checkpoint again")
 
 
 def _model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
@@ -878,11 +1049,23 @@ def _model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     else:
         cfg.moe.expert_hidden = hf.get("moe_expert_intermediate_size") or hf["intermediate_size"]
         router_type = hf.get("moe_router_type", "gru")
-        if router_type not in ("gru", "rnn"):
+        if router_type not in config_lib.CELL_NAMES:
             raise ExportError(f"config.json: moe_router_type {router_type!r} without an rmoe_jax block")
         cfg.router.name, cfg.router.cell = "recurrent", router_type
         cfg.router.hidden_size = hf["moe_router_rnn_hidden_size"]
-        cfg.router.bias = cfg.router.projector_bias = False
+        # Our extensions (LlamaMoeRNNConfig's rmoe_* fields); absent: the authors' RMoE.
+        router = cfg.router
+        router.bias = bool(hf.get("rmoe_router_bias", False))
+        router.projector_bias = bool(hf.get("rmoe_projector_bias", False))
+        router.shared_projector = bool(hf.get("rmoe_shared_projector", False))
+        router.no_recurrence = bool(hf.get("rmoe_no_recurrence", False))
+        router.detach = bool(hf.get("rmoe_detach", False))
+        router.residual_alpha = float(hf.get("rmoe_residual_alpha", 0.0))
+        router.residual_detach = bool(hf.get("rmoe_residual_detach", False))
+        router.head = hf.get("rmoe_router_head", "linear")
+        if router.head == "xmoe":
+            router.xmoe_dim = int(hf["rmoe_xmoe_dim"])
+        cfg.moe.renormalize = bool(hf.get("rmoe_renormalize", True))
         cfg.moe.shared_expert = bool(hf.get("add_moe_share_expert", False))
         if cfg.moe.shared_expert:
             cfg.moe.shared_expert_hidden = hf.get("moe_share_expert_intermediate_size") or 0
@@ -902,16 +1085,28 @@ def read_export(folder: str) -> Export:
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.exists(path):
         raise ExportError(f"{path} not found: not an export folder")
-    with open(path) as f:
-        config_json = json.load(f)
+    config_json = _read_json(path)
+    tensors = read_tensors(folder)  # every tensor read, finite; checked against config.json
+    _check_hf_fields(path, config_json, tensors)
     block = config_json.get("rmoe_jax")
+    if block is not None and not isinstance(block, dict):
+        raise ExportError(f"{path}: rmoe_jax is {type(block).__name__}, not an object: the export "
+                          "is damaged; export the checkpoint again")
     data_config = None
     if block is None:
-        model_config = _model_config_from_hf(config_json)
+        try:
+            model_config = _model_config_from_hf(config_json)
+        except KeyError as error:
+            raise ExportError(f"{path}: field {error.args[0]!r} is missing (and there is no "
+                              "rmoe_jax block to rebuild the model from)") from None
     else:
         if block.get("format_version") != FORMAT_VERSION:
             raise ExportError(f"{path}: rmoe_jax.format_version {block.get('format_version')!r} "
                               f"is not {FORMAT_VERSION}")
+        for key in ("model", "data"):
+            if not isinstance(block.get(key), dict) and not (key == "data" and block.get(key) is None):
+                raise ExportError(f"{path}: rmoe_jax.{key} is missing or not an object: the "
+                                  "export is damaged; export the checkpoint again")
         model_config = model_config_from_dict(block["model"])
         if block.get("data") is not None:
             data_config = config_from_dict(block["data"], config_lib.data_config(), "data")
@@ -920,7 +1115,7 @@ def read_export(folder: str) -> Export:
     tokenizer_file = tokenizer_file if os.path.exists(tokenizer_file) else None
     if data_config is not None and data_config.tokenizer == "sentencepiece" and tokenizer_file:
         data_config.sentencepiece_model = tokenizer_file
-    params = from_torch_tensors(model_config, read_tensors(folder), where=f"export {folder}")
+    params = from_torch_tensors(model_config, tensors, where=f"export {folder}")
     return Export(model_config=model_config, params=params, data_config=data_config,
                   tokenizer_file=tokenizer_file, config_json=config_json, folder=folder)
 
@@ -953,12 +1148,16 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                         help="SentencePiece model to include (default: the run's own)")
     parser.add_argument("--skip_tokenizer", action="store_true",
                         help="export without the tokenizer's files")
+    parser.add_argument("--skip_remote_code", action="store_true",
+                        help="RMoE: export without the transformers modeling code (by default "
+                             "it is included, and a variant it cannot run is refused)")
     args = parser.parse_args(argv)
     _quiet_logs()
     try:
         out = export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype,
                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                             tokenizer_file=args.tokenizer_file, skip_tokenizer=args.skip_tokenizer)
+                             tokenizer_file=args.tokenizer_file, skip_tokenizer=args.skip_tokenizer,
+                             remote_code=not args.skip_remote_code)
     except (ExportError, FileNotFoundError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

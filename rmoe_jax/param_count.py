@@ -9,10 +9,12 @@ Nothing is allocated: shapes come from `jax.eval_shape` of the model's init.
 from __future__ import annotations
 
 import copy
+import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from rmoe_jax import cli
 from rmoe_jax.model import count_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -37,10 +39,17 @@ def format_breakdown(rows: list[tuple[str, int, int]], router_name: str) -> str:
 
 def main(argv):
     del argv
+    from rmoe_jax.config import ConfigError, validate_model
+
     model_config = _CONFIG.value.model
+    try:
+        validate_model(model_config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(format_breakdown(breakdown(model_config), model_config.router.name))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

@@ -174,6 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="folder for dynamics.json and dynamics.png")
     parser.add_argument("--batches", type=int, default=4, help="validation batches per checkpoint")
     args = parser.parse_args(argv)
+    from rmoe_jax import cli
+
+    cli.quiet_logs()
     try:
         runs = measure_runs(args.compare_out, batches=args.batches)
     except FileNotFoundError as error:

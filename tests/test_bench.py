@@ -67,17 +67,26 @@ def test_bench_writes_table(tmp_path):
     assert raw["rmoe"]["model_flops"] > raw["smoe"]["model_flops"] > 0
 
 
-def test_set_overrides_parse_and_refuse_unknown_fields(tmp_path):
+def test_set_overrides_parse_and_refuse_unknown_fields(tmp_path, capsys):
     assert bench.parse_overrides(["model.num_layers=2", "model.dtype=bfloat16", "a.b=0.5"]) == {
         "model.num_layers": 2, "model.dtype": "bfloat16", "a.b": 0.5}
     config = tmp_path / "toy.py"
     config.write_text(TOY_CONFIG)
-    try:
-        bench.main(["--config", str(config), "--variants", "matmul", "--set", "model.num_layer=2"])
-    except SystemExit as error:
-        assert "model.num_layer" in str(error)
-    else:
-        raise AssertionError("an unknown --set field must be refused")
+    # Each mistake: exit status 2 and one line naming the field or file (tests/test_cli_errors.py).
+    for args, message in (
+            (["--set", "model.num_layer=2"],
+             "error: --set model.num_layer: no such field (did you mean --set model.num_layers?)"),
+            (["--set", "model.num_layers=two"], "error: --set model.num_layers='two': expected an int"),
+            (["--set", "model.num_layers"], "error: --set 'model.num_layers': expected FIELD=VALUE")):
+        with pytest.raises(SystemExit) as info:
+            bench.main(["--config", str(config), "--variants", "matmul", *args])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--config", str(tmp_path / "nope.py"), "--variants", "matmul"])
+    assert info.value.code == 2
+    assert f"error: --config {tmp_path / 'nope.py'}: no such file" in capsys.readouterr().err
 
 
 def test_format_table_ratios():

@@ -330,10 +330,70 @@ def test_enwik8_standard_boundaries():
 
 
 def test_enwik8_size_mismatch_names_fields(tmp_path):
-    write_enwik8_zip(tmp_path, b"x" * 1000)
+    zip_path = write_enwik8_zip(tmp_path, b"x" * 1000)
     data = make_data(tmp_path, dataset="enwik8")  # standard sizes: 100M != 1000
-    with pytest.raises(ValueError, match="data.enwik8_train_bytes"):
+    with pytest.raises(data_lib.DataNotPreparedError, match="data.enwik8_train_bytes") as e:
         sources.prepare_dataset(data)
+    assert str(e.value).startswith(f"{zip_path}: 'enwik8' has 1,000 bytes but the split sizes "
+                                   "add up to 100,000,000")
+    assert "set the three sizes to add up to 1,000" in str(e.value)
+    assert zip_path.read_bytes() and not (tmp_path / "enwik8" / "standard" / "1.0.0").exists()
+
+
+def test_enwik8_garbage_or_damaged_zip_names_the_file(tmp_path, capsys):
+    """Not a zip, or a zip whose data is damaged: refused naming the file and what to do, with
+    exit status 2 from the prepare CLI; the file stays where it is and nothing is half-built."""
+    zip_path = tmp_path / "downloads" / "manual" / "enwik8.zip"
+    zip_path.parent.mkdir(parents=True)
+    garbage = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    zip_path.write_bytes(garbage)
+    data = make_data(tmp_path, dataset="enwik8", enwik8_train_bytes=3000,
+                     enwik8_validation_bytes=1000, enwik8_test_bytes=1000)
+    with pytest.raises(data_lib.DataNotPreparedError) as e:
+        sources.prepare_dataset(data)
+    assert str(e.value).startswith(f"{zip_path} is not a readable zip file (")
+    assert f"run: python -m rmoe_jax.data.prepare --dataset enwik8 --data_dir {tmp_path}" in str(e.value)
+    assert zip_path.read_bytes() == garbage
+    # A valid zip directory over damaged (stored) data: the CRC check fails while building.
+    raw = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    zip_path.unlink()
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("enwik8", raw)
+    blob = bytearray(zip_path.read_bytes())
+    offset = blob.index(raw[:64])
+    blob[offset + 100: offset + 200] = bytes(100)
+    zip_path.write_bytes(bytes(blob))
+    with pytest.raises(data_lib.DataNotPreparedError) as e:
+        sources.prepare_dataset(data)
+    assert str(e.value).startswith(f"{zip_path} is damaged (BadZipFile: Bad CRC-32")
+    assert not list((tmp_path / "enwik8").glob("*/1.0.0/dataset_info.json"))
+    capsys.readouterr()
+    args = ["--dataset", "enwik8", "--data_dir", str(tmp_path), "--no_download",
+            "--enwik8_train_bytes", "3000", "--enwik8_validation_bytes", "1000",
+            "--enwik8_test_bytes", "1000"]
+    assert prepare.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {zip_path} is damaged") and err.count("\n") == 1
+
+
+def test_data_dir_that_is_a_file_or_not_writable(tmp_path, capsys):
+    """data.data_dir a plain file (or under one), or not writable while the dataset still has to
+    be built: DataNotPreparedError naming the path, before anything is read or written."""
+    plain = tmp_path / "plain"
+    plain.write_text("keep me")
+    for data_dir in (plain, plain / "sub"):
+        with pytest.raises(data_lib.DataNotPreparedError) as e:
+            sources.prepare_dataset(make_data(data_dir))
+        assert str(e.value).startswith(f"data.data_dir {data_dir}: ")
+        assert "is a file" in str(e.value)
+    assert plain.read_text() == "keep me"
+    # /sys cannot hold new folders (read-only, or no permission), whoever runs the tests.
+    with pytest.raises(data_lib.DataNotPreparedError) as e:
+        sources.prepare_dataset(make_data("/sys/rmoe_jax_test_data"))
+    assert str(e.value).startswith("data.data_dir /sys/rmoe_jax_test_data: ")
+    assert "shakespeare is built there on first use" in str(e.value)
+    assert prepare.main(["--dataset", "shakespeare", "--data_dir", str(plain)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: data.data_dir {plain}: is a file")
 
 
 def test_enwik8_missing_zip_names_exact_path(tmp_path):
@@ -421,6 +481,33 @@ def test_catalog_dataset_not_prepared_names_command(tmp_path):
     assert f"python -m rmoe_jax.data.prepare --dataset lm1b --data_dir {tmp_path}" in str(e.value)
 
 
+@pytest.mark.parametrize("seq_len", [128, 1000])
+def test_slices_of_own_splits_select_windows(shakespeare_dir, seq_len):
+    """'test[:10%]', 'test[5:10]', 'test[-3:]': windows of the whole split, in order, so the
+    pieces of a split count each of its targets exactly once."""
+    data = make_data(shakespeare_dir, seq_len=seq_len)
+    whole = data_lib.token_stream(data, "test")
+    windows = data_lib.num_windows(whole.size, seq_len)
+    cut = round(windows * 10 / 100)
+    head = data_lib.token_stream(data, "test[:10%]")
+    tail = data_lib.token_stream(data, "test[10%:]")
+    assert np.array_equal(head, whole[: cut * seq_len + 1])
+    assert np.array_equal(np.concatenate([head, tail[1:]]), whole)
+    assert np.array_equal(data_lib.token_stream(data, "test[5:10]"), whole[5 * seq_len: 10 * seq_len + 1])
+    assert data_lib.split_stats(data, "test[-3:]")["num_windows"] == 3
+    batches = list(data_lib.make_eval_batches(data, split="test[:10%]", batch_size=4))
+    targets = sum(int(b["weights"].sum()) for b in batches)
+    assert targets == data_lib.split_stats(data, "test[:10%]")["num_targets"] == cut * seq_len
+    train = data_lib.make_train_iterator(make_data(shakespeare_dir, seq_len=seq_len,
+                                                   train_split="train[:1%]"),
+                                         batch_size=2, seed=0)
+    assert next(train)["inputs"].shape == (2, seq_len)
+    with pytest.raises(config_lib.ConfigError, match=r"'test\[:0%\]' of shakespeare selects no windows"):
+        data_lib.token_stream(data, "test[:0%]")
+    with pytest.raises(config_lib.ConfigError, match="is not a split of shakespeare"):
+        data_lib.token_stream(data, "test[:10%]+validation")
+
+
 def test_data_problems_name_fields():
     assert config_lib.data_problems(config_lib.data_config()) == []
     data = config_lib.data_config()
@@ -439,6 +526,13 @@ def test_data_problems_name_fields():
     problems = config_lib.data_problems(data, prefix="cfg.data")
     assert sorted(p.split(":")[0] for p in problems) == ["cfg.data.eval_split",
                                                          "cfg.data.sentencepiece_vocab_size"]
+    for split in ("train[:10%]", "test[100:200]", "validation[-50%:]", "train+validation"):
+        data = config_lib.data_config()
+        data.train_split = split
+        assert config_lib.data_problems(data) == [], split
+    data.train_split = "train[1%%]"
+    assert [p.split(":")[0] for p in config_lib.data_problems(data)] == ["data.train_split"]
+    assert "a slice of one in windows of seq_len tokens" in config_lib.data_problems(data)[0]
     data = config_lib.data_config()
     data.dataset = "enwik8"
     data.enwik8_test_bytes = 0

@@ -111,3 +111,24 @@ def test_cli_from_a_workdir_and_from_its_export(tiny_split, tmp_path, capsys):
     assert from_export["bits_per_byte"] == from_workdir["bits_per_byte"]
     assert evaluate.main(["--workdir", str(workdir), "--split", "test", "--step", "9"]) == 2
     assert "no checkpoint for step 9" in capsys.readouterr().err
+
+
+def test_slices_of_a_split_count_their_windows(tiny_split, tmp_path, capsys):
+    """`--split 'test[:50%]'` (the --help example's form): the first half of the split's windows;
+    the two halves count every target of the split once. An empty slice: exit 2, one line."""
+    data, stream = tiny_split
+    cfg = small_model("recurrent", vocab_size=256)
+    params = random_params(cfg)
+    whole = evaluate.evaluate_split(cfg, params, data, split="test", batch_size=3)
+    head = evaluate.evaluate_split(cfg, params, data, split="test[:50%]", batch_size=3)
+    tail = evaluate.evaluate_split(cfg, params, data, split="test[50%:]", batch_size=3)
+    assert head["tokens"] == 5 * SEQ_LEN and head["complete"]  # 5 of the 10 windows
+    assert head["tokens"] + tail["tokens"] == whole["tokens"] == stream.size - 1
+    np.testing.assert_allclose(head["ce_sum"] + tail["ce_sum"], whole["ce_sum"], rtol=1e-6)
+
+    out = export.export_model(cfg, params, str(tmp_path / "export"), data_config=data)
+    capsys.readouterr()
+    assert evaluate.main(["--export", out, "--split", "test[:0%]"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: split 'test[:0%]' of shakespeare selects no windows: test has 10 "
+                   f"windows of data.seq_len={SEQ_LEN} tokens, the slice keeps [0:0)\n")

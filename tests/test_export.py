@@ -294,3 +294,70 @@ def test_sentencepiece_model_travels_with_the_export(tmp_path):
     tokenizer = make_tokenizer(exported.data_config)
     assert encode_prompt(tokenizer, "the king")[0] == tokenizer.bos_id == 2
     assert tokenizer.decode(encode_prompt(tokenizer, "the king")) == "the king"
+
+
+def test_damaged_exports_are_refused_naming_the_file_field_or_tensor(tmp_path, capsys):
+    """Read-side faults: each export is refused (ExportError; evaluate/generate exit 2 with one
+    line) naming the file, the config.json field or the tensor, and the folder is left as it was."""
+    import shutil
+
+    from rmoe_jax import evaluate, generate
+
+    cfg = small_model("recurrent")  # 3 layers, 4 experts
+    good = export.export_model(cfg, random_params(cfg), str(tmp_path / "good"))
+
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        files = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(export.ExportError) as info:
+            export.import_export(str(folder))
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == files  # nothing touched
+        return folder, str(info.value)
+
+    def edit_config(**fields):
+        def change(folder):
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, **fields}))
+        return change
+
+    _, msg = damaged("experts", edit_config(num_local_experts=8))
+    assert "config.json disagrees with its tensors: num_local_experts is 8 but the tensors hold 4 " \
+           "experts per layer (the last: model.layers.0.block_sparse_moe.experts.3.w1.weight)" in msg
+    _, msg = damaged("layers", edit_config(num_hidden_layers=2))
+    assert "num_hidden_layers is 2 but the tensors hold 3 layers (model.layers.0.* to " \
+           "model.layers.2.*)" in msg
+
+    def truncate(folder):
+        path = folder / "model.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    folder, msg = damaged("truncated", truncate)
+    assert msg.startswith(f"{folder}/model.safetensors is damaged or truncated (")
+
+    folder, msg = damaged("not_json", lambda f: (f / "config.json").write_text('{"rmoe_jax": {'))
+    assert msg.startswith(f"{folder}/config.json is not valid JSON (")
+
+    def poison(folder):
+        path = str(folder / "model.safetensors")
+        tensors = load_file(path)
+        q = tensors["model.layers.1.self_attn.q_proj.weight"].copy()
+        q.flat[[0, 5]] = [np.nan, np.inf]
+        tensors["model.layers.1.self_attn.q_proj.weight"] = q
+        save_file(tensors, path, metadata={"format": "pt"})
+    folder, msg = damaged("nan", poison)
+    assert f"{folder}: non-finite values (NaN or inf) in 1 tensor: " \
+           f"model.layers.1.self_attn.q_proj.weight (2 of {q_size(cfg)} values)" in msg
+
+    # The consumers of the read path refuse it too: exit status 2, one line.
+    capsys.readouterr()
+    assert evaluate.main(["--export", str(folder), "--split", "test"]) == 2
+    assert generate.main(["--export", str(folder), "--prompt", "a", "--max_new_tokens", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") and "q_proj.weight (2 of" in line
+                                 for line in err), err
+
+
+def q_size(cfg) -> str:
+    head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+    return f"{cfg.num_heads * head_dim * cfg.d_model:,}"

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from rmoe_jax.data import sources
-from rmoe_jax.data.packing import PackedWindows, concat_documents
+from rmoe_jax.data.packing import PackedWindows, concat_documents, num_windows
 from rmoe_jax.data.tokenizers import Tokenizer, make_tokenizer
 
 _STATE_VERSION = 1
@@ -77,7 +77,55 @@ def _stream_key(data: ml_collections.ConfigDict, split: str, tokenizer: Tokenize
             os.stat(model).st_mtime_ns if model else None)
 
 
+def _slice_bound(text: str | None, windows: int, default: int) -> int:
+    if text is None:
+        return default
+    value = round(float(text[:-1]) * windows / 100) if text.endswith("%") else int(text)
+    return min(max(value + windows if value < 0 else value, 0), windows)
+
+
+def _sliced_stream(data: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer
+                   ) -> _Stream | None:
+    """An own dataset's `base[start:stop]`: its windows start..stop-1 (percent of its windows,
+    or window counts; negative from the end), as the tokens they read; None for other splits.
+
+    Window k of the slice is window start + k of the whole split, so `test[:50%]` and
+    `test[50%:]` together count every target of `test` exactly once. `num_bytes` and
+    `num_documents` are the split's, scaled by the slice's share of its targets (exact bytes
+    for the byte tokenizer).
+    """
+    import re
+
+    from rmoe_jax.config import OWN_SPLIT_SLICE, ConfigError, own_split_problem
+
+    if not sources.is_own(data.dataset):
+        return None
+    problem = own_split_problem(split, data.dataset)
+    if problem:
+        raise ConfigError(f"split {problem}")
+    match = re.fullmatch(OWN_SPLIT_SLICE, split)
+    if match is None:
+        return None
+    whole = _load_stream(data, match.group("base"), tokenizer)
+    windows = num_windows(whole.tokens.size, data.seq_len)
+    start = _slice_bound(match.group("start"), windows, 0)
+    stop = _slice_bound(match.group("stop"), windows, windows)
+    if start >= stop:
+        raise ConfigError(f"split {split!r} of {data.dataset} selects no windows: "
+                          f"{match.group('base')} has {windows} windows of data.seq_len="
+                          f"{data.seq_len} tokens, the slice keeps [{start}:{stop})")
+    length = data.seq_len
+    tokens = whole.tokens[start * length: stop * length + 1]
+    share = (tokens.size - 1) / max(whole.tokens.size - 1, 1)
+    num_bytes = (int(tokens.size) if tokenizer.bos_id is None and data.tokenizer == "byte"
+                 else round(whole.num_bytes * share))
+    return _Stream(tokens, max(round(whole.num_documents * share), 1), num_bytes)
+
+
 def _load_stream(data: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> _Stream:
+    sliced = _sliced_stream(data, split, tokenizer)
+    if sliced is not None:
+        return sliced
     key = _stream_key(data, split, tokenizer)
     with _CACHE_LOCK:
         if key in _CACHE:

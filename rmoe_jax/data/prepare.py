@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # Imported here so `--help` and argument errors do not pay for TFDS/grain imports.
+    from rmoe_jax.config import ConfigError
     from rmoe_jax.data import loader, sources, tokenizers
     from rmoe_jax.data.errors import DataNotPreparedError
 
@@ -108,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {split} with {data.tokenizer} tokens: " +
                       ", ".join(f"{k}={v:,}" for k, v in stats.items()) +
                       f" (seq_len={data.seq_len})")
-    except DataNotPreparedError as e:
+    except (DataNotPreparedError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -14,6 +14,7 @@ whole split is one document (its chunks joined), so no separator ever enters the
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 import ml_collections
@@ -25,6 +26,17 @@ from rmoe_jax.data.builders import OWN_DATASETS, enwik8, shakespeare
 from rmoe_jax.data.errors import DataNotPreparedError
 
 OWN_SPLITS = ("train", "validation", "test")
+
+
+class _NotYetBuilt(std_logging.Filter):
+    """TFDS warns "Variant folder ... has no dataset_info.json" whenever a dataset is looked up
+    before it is built (every first use); the build, or our error, says what matters."""
+
+    def filter(self, record) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+logging.get_absl_logger().addFilter(_NotYetBuilt())
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -101,6 +113,7 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 def _build(builder: tfds.core.DatasetBuilder) -> None:
     """download_and_prepare, tolerating another process finishing the same build first."""
     logging.info("Preparing %s in %s", builder.name, builder.data_dir)
+    tfds.disable_progress_bar()  # TFDS' progress bars: a dozen lines of terminal control codes
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -113,6 +126,28 @@ def _build(builder: tfds.core.DatasetBuilder) -> None:
             raise
 
 
+def check_data_dir(data: ml_collections.ConfigDict) -> None:
+    """Fail early when the data dir cannot serve `data.dataset`: a file where the directory
+    should be, or (for our own datasets, built there on first use) a directory that is not
+    writable while the dataset is not built yet.
+
+    Raises:
+      DataNotPreparedError: naming data.data_dir, the full path and what to do.
+    """
+    from rmoe_jax.cli import writable_dir_problem
+
+    data_dir = resolve_data_dir(data.data_dir)
+    problem = writable_dir_problem(data_dir, "data.data_dir", write=False)
+    if problem:
+        raise DataNotPreparedError(problem)
+    if is_own(data.dataset) and not make_builder(data).is_prepared():
+        problem = writable_dir_problem(data_dir, "data.data_dir")
+        if problem:
+            raise DataNotPreparedError(
+                f"{problem} ({data.dataset} is built there on first use; or build it where it "
+                f"can be written: {prepare_command(data)})")
+
+
 def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool = False
                     ) -> tfds.core.DatasetBuilder:
     """Build `data.dataset` in the data dir if it is not there yet (idempotent).
@@ -121,13 +156,16 @@ def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool =
     only with `download_catalog=True` (the prepare CLI), since that may fetch gigabytes and
     need the dataset's own dependencies; otherwise a missing one raises with the command.
     """
+    check_data_dir(data)
     if is_own(data.dataset):
         builder = make_builder(data)
         if not builder.is_prepared():
             if data.dataset == "enwik8":
                 # Fail (or download) before TFDS starts a build that could only fail.
                 data_dir = resolve_data_dir(data.data_dir)
-                enwik8.find_zip(enwik8.manual_zip_path(data_dir), data_dir, data.allow_download)
+                zip_path = enwik8.find_zip(enwik8.manual_zip_path(data_dir), data_dir,
+                                           data.allow_download)
+                enwik8.check_zip(zip_path, builder.builder_config, data_dir)
             _build(builder)
             builder = make_builder(data)  # re-read the info written by the build
         return builder
@@ -196,6 +234,12 @@ def read_documents(data: ml_collections.ConfigDict, split: str) -> list[bytes]:
     read into memory: fine for shakespeare (5 MB) and enwik8 (100 MB); for big catalog
     datasets use a TFDS split slice such as `train[:1%]`.
     """
+    if is_own(data.dataset) and "[" in split:
+        from rmoe_jax.config import ConfigError
+
+        raise ConfigError(f"split {split!r}: a slice of {data.dataset} selects windows of tokens "
+                          "(rmoe_jax.data.token_stream, packed_windows), not documents; read "
+                          "the whole split's documents instead")
     builder = ensure_prepared(data)
     if is_own(data.dataset):
         # Same as tfds.data_source(name, ...), but also right for enwik8's non-standard

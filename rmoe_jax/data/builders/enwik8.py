@@ -22,6 +22,7 @@ import dataclasses
 import os
 import urllib.request
 import zipfile
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -115,6 +116,37 @@ def find_zip(zip_path: epath.Path, data_dir: str | os.PathLike, allow_download: 
         f"{prepare_command(data_dir)} ({why})")
 
 
+def check_zip(zip_path: epath.Path, config: Enwik8Config, data_dir: str | os.PathLike) -> int:
+    """The size of the `enwik8` member of `zip_path`, checked against the split sizes.
+
+    Raises:
+      DataNotPreparedError: the file is not a zip, lacks the member, or the member's size is
+        not the sum of the split sizes; the message names the file and says what to do.
+    """
+    fix = (f"replace it with enwik8.zip from {URL} (a zip holding the 100,000,000-byte file "
+           f"'{MEMBER}') and run: {prepare_command(data_dir)}")
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            try:
+                size = zf.getinfo(MEMBER).file_size
+            except KeyError:
+                raise DataNotPreparedError(
+                    f"{zip_path} has no member named '{MEMBER}' (members: "
+                    f"{zf.namelist()[:10]}): {fix}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise DataNotPreparedError(f"{zip_path} is not a readable zip file ({e}): {fix}") from None
+    except OSError as e:
+        raise DataNotPreparedError(f"{zip_path} cannot be read ({e.strerror or e}): {fix}") from None
+    total = config.train_bytes + config.validation_bytes + config.test_bytes
+    if size != total:
+        raise DataNotPreparedError(
+            f"{zip_path}: '{MEMBER}' has {size:,} bytes but the split sizes add up to {total:,} "
+            f"(data.enwik8_train_bytes={config.train_bytes}, data.enwik8_validation_bytes="
+            f"{config.validation_bytes}, data.enwik8_test_bytes={config.test_bytes}): {fix}, or "
+            f"set the three sizes to add up to {size:,}")
+    return size
+
+
 class Enwik8(Builder):
     """enwik8 as contiguous byte chunks; see the module docstring."""
 
@@ -152,27 +184,21 @@ class Enwik8(Builder):
             zip_path = epath.Path(dl_manager.download_dir) / "manual" / ZIP_NAME
         zip_path = find_zip(zip_path, self.data_dir_root, self._allow_download)
         config: Enwik8Config = self.builder_config
-        with zipfile.ZipFile(zip_path) as zf:
-            try:
-                size = zf.getinfo(MEMBER).file_size
-            except KeyError:
-                raise ValueError(f"{zip_path} has no member named '{MEMBER}' "
-                                 f"(members: {zf.namelist()[:10]})") from None
-        total = config.train_bytes + config.validation_bytes + config.test_bytes
-        if size != total:
-            raise ValueError(
-                f"{zip_path}: '{MEMBER}' has {size:,} bytes but the split sizes add up to "
-                f"{total:,} (data.enwik8_train_bytes={config.train_bytes}, "
-                f"data.enwik8_validation_bytes={config.validation_bytes}, "
-                f"data.enwik8_test_bytes={config.test_bytes}); the real file has 100,000,000")
+        check_zip(zip_path, config, self.data_dir_root)
         return {split: self._generate_examples(zip_path, start, stop)
                 for split, (start, stop) in split_ranges(config).items()}
 
     def _generate_examples(self, zip_path: epath.Path, start: int, stop: int):
         chunk = self.builder_config.chunk_bytes
-        with zipfile.ZipFile(zip_path) as zf, zf.open(MEMBER) as f:
-            f.seek(start)  # a zip stream seeks by decompressing forward: fine for 100 MB
-            for index, offset in enumerate(range(start, stop, chunk)):
-                data = f.read(min(chunk, stop - offset))
-                assert len(data) == min(chunk, stop - offset), "short read from the zip"
-                yield index, {"bytes": data, "index": index}
+        try:
+            with zipfile.ZipFile(zip_path) as zf, zf.open(MEMBER) as f:
+                f.seek(start)  # a zip stream seeks by decompressing forward: fine for 100 MB
+                for index, offset in enumerate(range(start, stop, chunk)):
+                    data = f.read(min(chunk, stop - offset))
+                    if len(data) != min(chunk, stop - offset):
+                        raise EOFError(f"short read at byte {offset + len(data):,}")
+                    yield index, {"bytes": data, "index": index}
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a damaged (not just cut) zip
+            raise DataNotPreparedError(
+                f"{zip_path} is damaged ({type(e).__name__}: {e}): replace it with enwik8.zip "
+                f"from {URL} and run: {prepare_command(self.data_dir_root)}") from None
