@@ -1,4 +1,4 @@
-"""The paper's routing analyses (PAPER.md section 6) over router outputs recorded in an eval pass.
+"""The paper's routing analyses (the paper, section 6) over router outputs recorded in an eval pass.
 
 Array conventions: L layers, N tokens, E experts, k experts chosen per token. Recorded router
 probabilities are the full softmax `probs [L, N, E]` the model sows as
@@ -24,7 +24,7 @@ Model-level (JAX):
   load_trained(workdir)                   config, model and params of a run's latest checkpoint
   analyze_workdir(workdir, ...)           everything above for one run; writes JSON + PNG plots
 
-Definitions (PAPER.md section 6):
+Definitions (the paper, section 6):
 - Mutual information: for one token and two layers, each layer's E probabilities are binned
   into 100 equal-width bins on [0, 1]; the two label vectors (E entries each) are treated as
   E paired samples and their MI computed exactly as sklearn's `mutual_info_score` does

@@ -1,4 +1,4 @@
-"""Routing analyses of a trained run (PAPER.md section 6), from the command line.
+"""Routing analyses of a trained run (the paper, section 6), from the command line.
 
     python -m rmoe_jax.analyze --workdir runs/enwik8_rmoe [--split validation] [--batches 8]
         [--step N] [--out DIR] [--no_grad_norms]

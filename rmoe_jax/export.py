@@ -3,7 +3,7 @@
     python -m rmoe_jax.export --workdir runs/rmoe --out exports/rmoe [--step N]
         [--dtype float32|bfloat16] [--max_shard_size 5GB] [--overwrite]
 
-The format is shared/spec/EXPORT.md: HF Llama/Mixtral tensor names in PyTorch `nn.Linear`
+The format (README, "Export format"): HF Llama/Mixtral tensor names in PyTorch `nn.Linear`
 layout (`[out, in]`), `model.safetensors` or shards plus `model.safetensors.index.json`, a
 `config.json` and the tokenizer's files (`tokenizer.model` for SentencePiece).
 
@@ -256,7 +256,7 @@ class Rule:
     names: tuple[str, ...]  # export name templates ({i} layer, {e} expert); one per split part
     kind: str
     layered: bool  # the leaf has a leading layer axis (under params['layers'])
-    spec: bool  # the names are spec/EXPORT.md's own; otherwise an extension, listed in config.json
+    spec: bool  # the names are the format's own (HF Mixtral / the RMoE authors'); otherwise an extension, listed in config.json
     doc: str = ""
 
 
@@ -671,7 +671,7 @@ def hf_config(model_config: ml_collections.ConfigDict, *, dtype: str = "float32"
 
 
 def _extension_docs(model_config) -> dict[str, str]:
-    """{name template: meaning} of every tensor that spec/EXPORT.md does not name."""
+    """{name template: meaning} of every tensor the format does not name (an extension)."""
     return {name: rule.doc for rule in _rules(model_config) if not rule.spec for name in rule.names}
 
 
@@ -1134,7 +1134,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rmoe_jax.export",
         description="Export a training checkpoint to safetensors + config.json "
-                    "(shared/spec/EXPORT.md); SMoE exports load in transformers' Mixtral.")
+                    "(README: Export format); SMoE exports load in transformers' Mixtral.")
     parser.add_argument("--workdir", required=True, help="training workdir (train.py --workdir)")
     parser.add_argument("--out", required=True, help="export folder to create")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -45,7 +45,7 @@ def z_loss(logits: jax.Array) -> jax.Array:
 
 
 def routing_stats(probs: jax.Array, top_k: int) -> dict[str, jax.Array]:
-    """Per-layer diagnostics from the full softmax `[N, E]` (PAPER.md section 6).
+    """Per-layer diagnostics from the full softmax `[N, E]` (the paper, section 6).
 
     gate_entropy: mean of -sum g ln g; top1_top2_ratio: median of p1/p2 (inner balance);
     topk_weight_sum: mean of the sum of the top-k probabilities before renormalisation

@@ -1,4 +1,4 @@
-"""Every router of PAPER.md section 2, one small module each, selected by name.
+"""Every router of the paper's section 2, one small module each, selected by name.
 
 One interface for all: `router(x, router_state, shared) -> (logits, new_router_state)` with
   x            `[tokens, d_model]`  the MoE block's input (post-attention RMSNorm output)
@@ -188,7 +188,7 @@ class SharedRouterParams(nn.Module):
 
 
 class RecurrentRouter(nn.Module):
-    """RMoE (PAPER.md section 1) and its ablations.
+    """RMoE (the paper, section 1) and its ablations.
 
     x'_i = Proj_i(x_i); h_i = Cell(x'_i, h_{i-1}); logits_i = head_i(h_i) [+ alpha head_i(h_{i-1})].
     The carried state is h_i (h and c for the LSTM), the same state used for routing.

@@ -4,7 +4,7 @@ Source: the 100,000,000-byte file `enwik8` inside `enwik8.zip`. The zip is taken
 manual dir, `<data_dir>/downloads/manual/enwik8.zip`; when it is not there and downloads
 are allowed, it is fetched from http://mattmahoney.net/dc/enwik8.zip into that same path.
 
-Split (PAPER.md section 4): the first `train_bytes` (90,000,000) bytes are `train`, the next
+Split (the paper, section 4): the first `train_bytes` (90,000,000) bytes are `train`, the next
 `validation_bytes` (5,000,000) `validation`, the last `test_bytes` (5,000,000) `test`. The
 three counts live in the builder config so a small synthetic zip of the same layout can be
 split exactly; their sum must equal the size of the `enwik8` member, so a wrong or truncated
