@@ -1,4 +1,4 @@
-"""NumPy references written from PAPER.md's equations (independent of the JAX code)."""
+"""NumPy references written from the paper's equations (independent of the JAX code)."""
 
 import numpy as np
 

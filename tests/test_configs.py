@@ -57,7 +57,7 @@ def test_llama_has_the_paper_settings():
         (4.2e-4, "cosine", 4.2e-5, 2000, 1120)
     assert (c.data.tokenizer, c.data.sentencepiece_vocab_size) == ("sentencepiece", 96_512)
     assert c.data.dataset.startswith("c4")
-    # RMoE adds ~3.5M router parameters over SMoE at this size (PAPER.md section 1).
+    # RMoE adds ~3.5M router parameters over SMoE at this size (the paper, section 1).
     smoe = m.copy_and_resolve_references()
     smoe.router.name = "linear"
     extra = count_params(m)["router"] - count_params(smoe)["router"]
@@ -77,7 +77,7 @@ def test_every_paper_row_is_documented_and_valid():
         module.get_config("nope")
 
 
-# Router parameters (millions) of PAPER.md Table 1, enwik8 medium.
+# Router parameters (millions) of the paper's Table 1, enwik8 medium.
 TABLE1_ROUTER_PARAMS = {"smoe": 0.04, "mlp": 0.75, "random": 0.04, "cosine": 0.04, "rmoe": 0.47}
 
 

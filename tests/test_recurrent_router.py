@@ -1,4 +1,4 @@
-"""The recurrent router across layers against a NumPy loop written from PAPER.md section 1."""
+"""The recurrent router across layers against a NumPy loop written from the paper's section 1."""
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ the recurrence inside the scan: a `stop_gradient` on the carried router state ch
 layers' projector and the GRU gradients and fails here.
 
 RMoE-detach has the same forward as RMoE, so its gradients must differ from RMoE's exactly where
-gradient flows back through a step h_{j-1} -> h_j of the recurrence (PAPER.md, Table 5):
+gradient flows back through a step h_{j-1} -> h_j of the recurrence (the paper, Table 5):
 layer i's projector reaches h_i, which feeds layer i+1's cell, so it differs for i < L-1; layer
 i's head changes layer i+1's input and so h_{i+1}, which feeds a later cell for i < L-2. The LM
 head, the last layer's projector and the last two heads see the same gradient. RMoE-NP's cell
