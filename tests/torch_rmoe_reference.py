@@ -2,12 +2,12 @@
 
 transformers' `MixtralForCausalLM` supplies everything but the router (embeddings, attention,
 RMSNorm, SwiGLU experts, top-k dispatch); its linear gate is swapped, in every layer, for the
-recurrent router of PAPER.md section 1:
+recurrent router of the paper's section 1:
 
     x'_i = weight1_i x_i;  h_i = GRUCell(x'_i, h_{i-1}) (one cell for all layers, h_0 = 0);
     logits_i = weight2_i h_i;  softmax in float32, top-k, renormalised.
 
-The weights are read straight from the export's safetensors by their spec/EXPORT.md names
+The weights are read straight from the export's safetensors by their export names
 (`model.layers.{i}.block_sparse_moe.weight1/weight2`, `model.rnn_router.weight_ir`, ...), and the
 GRU is `torch.nn.GRUCell`, whose `weight_ih` stacks the r, z, n blocks.
 """
