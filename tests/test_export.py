@@ -45,7 +45,7 @@ VARIANTS = {
 }
 
 
-# The names of spec/EXPORT.md (layer and expert indices as \d+).
+# The export format's own names (layer and expert indices as \d+).
 SPEC_NAMES = [re.compile(p) for p in (
     r"model\.embed_tokens\.weight", r"model\.norm\.weight", r"lm_head\.weight",
     r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight",
@@ -92,7 +92,7 @@ def test_round_trip_is_exact(variant, tmp_path):
     theirs = forward(build_model(cfg2), params2, tokens)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
-    # Every tensor has a spec/EXPORT.md name or is listed, with its meaning, as an extension.
+    # Every tensor has a name of the format or is listed, with its meaning, as an extension.
     templates = block["extension_tensors"]
     assert all(doc for doc in templates.values())
     listed = [re.compile(re.escape(t).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+"))
