@@ -42,3 +42,15 @@ def random_params(cfg, seed=0, scale=0.3):
         return jnp.asarray(x.astype(leaf.dtype))
 
     return jax.tree_util.tree_map_with_path(draw, export.abstract_params(cfg))
+
+
+def assert_trees_equal(a, b):
+    """Two param trees hold the same paths, dtypes and values, exactly."""
+    from rmoe_jax import export
+
+    flat_a, flat_b = export._flat(a), export._flat(b)
+    assert flat_a.keys() == flat_b.keys()
+    for path in flat_a:
+        assert flat_a[path].dtype == flat_b[path].dtype, path
+        np.testing.assert_array_equal(np.asarray(flat_a[path]), np.asarray(flat_b[path]),
+                                      err_msg="/".join(path))

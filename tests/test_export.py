@@ -18,7 +18,7 @@ import transformers
 from rmoe_jax import export
 from rmoe_jax.model import build_model
 
-from helpers import random_params, small_model
+from helpers import assert_trees_equal, random_params, small_model
 
 # Every router and every option that changes params or the forward pass.
 VARIANTS = {
@@ -64,15 +64,6 @@ def forward(model, params, tokens):
 
 def tokens_for(cfg, seed=1, shape=(2, 16)):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, shape).astype(np.int32)
-
-
-def assert_trees_equal(a, b):
-    flat_a, flat_b = export._flat(a), export._flat(b)
-    assert flat_a.keys() == flat_b.keys()
-    for path in flat_a:
-        assert flat_a[path].dtype == flat_b[path].dtype, path
-        np.testing.assert_array_equal(np.asarray(flat_a[path]), np.asarray(flat_b[path]),
-                                      err_msg="/".join(path))
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

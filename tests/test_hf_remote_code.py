@@ -27,7 +27,7 @@ from rmoe_jax import export, hf_remote
 from rmoe_jax.generate import SamplingConfig, generate
 from rmoe_jax.model import build_model
 
-from helpers import random_params, small_model
+from helpers import assert_trees_equal, random_params, small_model
 
 # One export per entry; each combines a few options so the file stays fast.
 VARIANTS = {
@@ -98,15 +98,6 @@ def exported(variant, tmp_path_factory):
         folder = export.export_model(cfg, params, str(tmp_path_factory.mktemp(variant) / "export"))
         _EXPORTS[variant] = (cfg, params, folder, load_hf(folder))
     return _EXPORTS[variant]
-
-
-def assert_trees_equal(a, b):
-    flat_a, flat_b = export._flat(a), export._flat(b)
-    assert flat_a.keys() == flat_b.keys()
-    for path in flat_a:
-        assert flat_a[path].dtype == flat_b[path].dtype, path
-        np.testing.assert_array_equal(np.asarray(flat_a[path]), np.asarray(flat_b[path]),
-                                      err_msg="/".join(path))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
