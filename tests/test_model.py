@@ -39,7 +39,14 @@ def lm_loss(model, params, tokens, rng):
     return nll + aux["aux_loss"], (nll, aux)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# Plain baseline routers' forward math is checked against NumPy (test_router_references.py) and
+# their frozen params in test_train_optim.py; their one-step training runs with `-m slow`
+# (one compile each). Every recurrent variant, capacity dispatch and cosine stay in the default suite.
+SLOW_VARIANTS = {"linear", "mlp", "random", "xmoe", "hyper"}
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS
+                                     else v for v in sorted(VARIANTS)])
 def test_every_router_trains_one_step(variant):
     router, overrides = VARIANTS[variant]
     cfg = small_model(router, **overrides)
