@@ -50,7 +50,7 @@ def main(argv):
                                    num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
     from rmoe_jax.config import ConfigError
-    from rmoe_jax.train import NonFiniteLossError, run, validate_all
+    from rmoe_jax.train import NonFiniteLossError, run
 
     try:
         from rmoe_jax.data.errors import DataNotPreparedError
@@ -58,12 +58,6 @@ def main(argv):
         DataNotPreparedError = FileNotFoundError
 
     try:
-        from rmoe_jax.data.sources import prepare_dataset
-
-        validate_all(_CONFIG.value)  # bad values first, every field in one message
-        # The data before any work: a data dir that is a file or cannot be written, a missing or
-        # damaged raw file fail here, before anything is compiled or written to the workdir.
-        prepare_dataset(_CONFIG.value.data)
         final = run(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -99,20 +99,20 @@ def apply_overrides(config, fields: dict, flag: str = "--set ") -> Any:
     Raises CliError naming the field: unknown (with the closest known fields), or a value of
     another type than the config's (an int field takes ints; a float field ints or floats).
     """
+    from ml_collections.config_flags import config_path
+
+    from rmoe_jax.config import set_fields
+
     for path, value in fields.items():
         if not field_exists(config, path):
             raise CliError(unknown_field_message(config, path, flag))
-        *parents, leaf = path.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        old = node[leaf]
+        old = config_path.get_value(path, config)
         if old is not None and not isinstance(value, type(old)) and not (
                 isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool)):
             raise CliError(f"{flag}{path}={value!r}: expected {_type_name(old)} like the config's "
                            f"value {old!r}, got {_type_name(value)}")
         try:
-            node[leaf] = value
+            set_fields(config, {path: value})
         except (TypeError, ValueError) as error:
             raise CliError(f"{flag}{path}={value!r}: {error}") from None
     return config

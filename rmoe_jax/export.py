@@ -213,13 +213,12 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> WorkdirCheckpoint:
         manager.close()
     params = restored[STATE]["params"]
     _check_tree(params, target["params"], f"checkpoint {directory}/{step}")
-    bad = [("/".join(path), int(np.size(x) - np.isfinite(x).sum())) for path, x in _flat(params).items()
-           if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))]
+    bad = _non_finite({"/".join(path): x for path, x in _flat(params).items()})
     if bad:
         raise DamagedCheckpointError(
-            f"the checkpoint at step {step} in {directory} holds non-finite values: "
-            + ", ".join(f"{name} ({count} NaN/inf)" for name, count in bad[:5])
-            + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
+            f"the checkpoint at step {step} in {directory} holds non-finite values (NaN or inf) "
+            f"in {len(bad)} tensor{'s' if len(bad) > 1 else ''}: {', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}")
     return WorkdirCheckpoint(config=config, params=params, step=int(step), workdir=workdir)
 
 
@@ -956,8 +955,8 @@ def _read_json(path: str) -> dict:
     return value
 
 
-def _check_finite(tensors: dict[str, np.ndarray], folder: str) -> None:
-    """ExportError naming every tensor holding NaN or inf (a damaged or diverged export)."""
+def _non_finite(tensors: dict[str, Any]) -> list[str]:
+    """'name (count of size values)' for every floating tensor holding NaN or inf."""
     bad = []
     for name, tensor in tensors.items():
         array = np.asarray(tensor)
@@ -965,6 +964,12 @@ def _check_finite(tensors: dict[str, np.ndarray], folder: str) -> None:
             count = int(array.size - np.count_nonzero(np.isfinite(array)))
             if count:
                 bad.append(f"{name} ({count:,} of {array.size:,} values)")
+    return bad
+
+
+def _check_finite(tensors: dict[str, np.ndarray], folder: str) -> None:
+    """ExportError naming every tensor holding NaN or inf (a damaged or diverged export)."""
+    bad = _non_finite(tensors)
     if bad:
         raise ExportError(f"{folder}: non-finite values (NaN or inf) in {len(bad)} tensor"
                           f"{'s' if len(bad) > 1 else ''}: {', '.join(bad[:5])}"

@@ -48,8 +48,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def _router_inputs(model, params, inputs: np.ndarray, router_name: str):
-    """(router logits [L, N, E], router head inputs [L, N, width]) of one batch."""
+def router_inputs_fn(model, router_name: str):
+    """A jitted `(params, inputs [B, S]) -> (router logits [L, N, E], router head inputs
+    [L, N, width])`; build it once and call it for every batch (each build compiles anew)."""
     import jax
 
     from rmoe_jax.model.routers import RecurrentRouter
@@ -69,7 +70,7 @@ def _router_inputs(model, params, inputs: np.ndarray, router_name: str):
             head_input = moe["moe_input"][0]
         return logits, head_input
 
-    return jax.device_get(forward(params, inputs))
+    return lambda params, inputs: jax.device_get(forward(params, inputs))
 
 
 def measure_checkpoint(config, model, params, batches: Sequence[Mapping[str, np.ndarray]]) -> dict:
@@ -81,8 +82,9 @@ def measure_checkpoint(config, model, params, batches: Sequence[Mapping[str, np.
     recorded = analysis.record_routing(model, params, batches)
     probs = recorded["probs"]
     logit_std, l1, rms = [], [], []
+    router_inputs = router_inputs_fn(model, router.name)
     for batch in batches:
-        logits, head_input = _router_inputs(model, params, np.asarray(batch["inputs"]), router.name)
+        logits, head_input = router_inputs(params, np.asarray(batch["inputs"]))
         head_input = np.asarray(head_input, np.float64)
         if router.name == "recurrent":
             head_input = head_input[..., :int(router.hidden_size)]  # LSTM carries (h, c): h only

@@ -18,8 +18,8 @@ def test_head_input_times_head_kernel_gives_the_logits(router, overrides):
     cfg = small_model(router, **overrides)
     params = random_params(cfg, seed=2, scale=0.5)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)).astype(np.int32)
-    logits, head_input = router_dynamics._router_inputs(build_model(cfg), params, jnp.asarray(tokens),
-                                                        cfg.router.name)
+    router_inputs = router_dynamics.router_inputs_fn(build_model(cfg), cfg.router.name)
+    logits, head_input = router_inputs(params, jnp.asarray(tokens))
     gate = params["layers"]["moe"]["router"]["gate"]
     expected = np.einsum("lnp,lpe->lne", np.asarray(head_input, np.float64),
                          np.asarray(gate["kernel"], np.float64)) + np.asarray(gate["bias"])[:, None]

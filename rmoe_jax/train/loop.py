@@ -33,10 +33,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from etils import epath
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from rmoe_jax import config as config_lib
 from rmoe_jax import parallel
@@ -254,7 +254,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       NonFiniteLossError: the loss, gradient norm or parameters became NaN/inf.
     """
     config = ml_collections.ConfigDict(config.to_dict())  # our own, unlocked copy
-    validate_all(config)
+    validate_all(config)  # bad values first, every field in one message
+    # Then the data, before any work: a data dir that is a file or cannot be written, a missing
+    # or damaged raw file fail here, before the workdir is created or anything compiled.
+    _data_module().prepare_dataset(config.data)
     mesh = state_lib.make_mesh(config.mesh)
     rules = parallel.rules_from_config(config.mesh)
     workdir = os.path.abspath(os.path.expanduser(workdir))
