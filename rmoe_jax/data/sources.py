@@ -126,10 +126,10 @@ def _build(builder: tfds.core.DatasetBuilder) -> None:
             raise
 
 
-def check_data_dir(data: ml_collections.ConfigDict) -> None:
+def check_data_dir(data: ml_collections.ConfigDict, *, will_build: bool = False) -> None:
     """Fail early when the data dir cannot serve `data.dataset`: a file where the directory
-    should be, or (for our own datasets, built there on first use) a directory that is not
-    writable while the dataset is not built yet.
+    should be, or (`will_build`: our own dataset, built there on first use and not built yet)
+    a directory that is not writable.
 
     Raises:
       DataNotPreparedError: naming data.data_dir, the full path and what to do.
@@ -137,15 +137,11 @@ def check_data_dir(data: ml_collections.ConfigDict) -> None:
     from rmoe_jax.cli import writable_dir_problem
 
     data_dir = resolve_data_dir(data.data_dir)
-    problem = writable_dir_problem(data_dir, "data.data_dir", write=False)
+    problem = writable_dir_problem(data_dir, "data.data_dir", write=will_build)
     if problem:
-        raise DataNotPreparedError(problem)
-    if is_own(data.dataset) and not make_builder(data).is_prepared():
-        problem = writable_dir_problem(data_dir, "data.data_dir")
-        if problem:
-            raise DataNotPreparedError(
-                f"{problem} ({data.dataset} is built there on first use; or build it where it "
-                f"can be written: {prepare_command(data)})")
+        raise DataNotPreparedError(
+            f"{problem} ({data.dataset} is built there on first use; or build it where it "
+            f"can be written: {prepare_command(data)})" if will_build else problem)
 
 
 def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool = False
@@ -156,10 +152,11 @@ def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool =
     only with `download_catalog=True` (the prepare CLI), since that may fetch gigabytes and
     need the dataset's own dependencies; otherwise a missing one raises with the command.
     """
-    check_data_dir(data)
+    check_data_dir(data)  # not a file: before a builder is made there
     if is_own(data.dataset):
         builder = make_builder(data)
         if not builder.is_prepared():
+            check_data_dir(data, will_build=True)
             if data.dataset == "enwik8":
                 # Fail (or download) before TFDS starts a build that could only fail.
                 data_dir = resolve_data_dir(data.data_dir)
