@@ -52,17 +52,14 @@ def main(argv):
     from rmoe_jax.config import ConfigError
     from rmoe_jax.train import NonFiniteLossError, run
 
-    try:
-        from rmoe_jax.data.errors import DataNotPreparedError
-    except ImportError:  # pragma: no cover
-        DataNotPreparedError = FileNotFoundError
+    from rmoe_jax.data.errors import BadInputError, DataNotPreparedError
 
     try:
         final = run(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except DataNotPreparedError as e:
+    except (DataNotPreparedError, BadInputError) as e:  # missing data, or a file it cannot read
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:

@@ -14,6 +14,19 @@ port's form); bfloat16 compute with float32 params.
 
 The data is a TFDS catalog dataset (C4 English) that must be prepared as array_record in
 `data.data_dir` first (`python -m rmoe_jax.data.prepare --dataset c4/en:3.1.0 --data_dir DIR`).
+
+`configs/llama_0p91b.py:files` is the same recipe on your own files with your own
+tokenizer.json (model.vocab_size must hold its vocabulary; 96,512 as in the paper):
+
+    python -m rmoe_jax.data.prepare --config configs/llama_0p91b.py:files \
+        --config.data.train_files='/data/corpus/*.jsonl.gz' \
+        --config.data.tokenizer_file=/data/tokenizer.json --config.data.data_dir=/data/tfds
+    python train.py --config configs/llama_0p91b.py:files --workdir runs/llama_rmoe \
+        --config.data.train_files='/data/corpus/*.jsonl.gz' \
+        --config.data.tokenizer_file=/data/tokenizer.json --config.data.data_dir=/data/tfds
+
+Validation and test are then 0.05% of the documents each, held out of the train files
+(give `data.validation_files` / `data.test_files` to use files of your own instead).
 Fit the batch to the hardware with `--config.train.grad_accum_steps=K` (the global batch stays
 1120) and the mesh with `--config.mesh.*`.
 """
@@ -21,7 +34,13 @@ Fit the batch to the hardware with `--config.train.grad_accum_steps=K` (the glob
 from rmoe_jax.config import default_config
 
 
-def get_config():
+SOURCES = ("c4", "files")
+
+
+def get_config(source: str = "c4"):
+    """`source`: c4 (the TFDS catalog's C4 English) or files (your files, a tokenizer.json)."""
+    if source not in SOURCES:
+        raise ValueError(f"configs/llama_0p91b.py:{source}: the source is one of {', '.join(SOURCES)}")
     config = default_config()
 
     model = config.model
@@ -59,6 +78,12 @@ def get_config():
     data.sentencepiece_vocab_size = 96_512
     data.seq_len = 4096
     data.eval_split = "validation"
+    if source == "files":
+        data.dataset = "files"
+        data.tokenizer = "huggingface"
+        data.tokenizer_file = ""  # --config.data.tokenizer_file=/path/to/tokenizer.json
+        data.train_files = ""  # --config.data.train_files='/path/to/corpus/*.jsonl.gz'
+        data.heldout_fraction = 0.0005  # of a corpus of millions of documents
 
     train = config.train
     train.batch_size = 1120

@@ -112,9 +112,25 @@ def data_config() -> ml_collections.ConfigDict:
             dataset="shakespeare",
             feature_key="text",  # catalog datasets only: the feature holding the text
             data_dir="",  # TFDS data dir; '' = $TFDS_DATA_DIR, else ~/tensorflow_datasets
-            tokenizer="byte",  # byte (vocab 256, no separators) | sentencepiece
+            # byte (vocab 256, no separators) | sentencepiece (a .model file) | huggingface
+            # (a tokenizer.json, data.tokenizer_file)
+            tokenizer="byte",
             sentencepiece_vocab_size=8000,
             sentencepiece_model="",  # '' = <data_dir>/<dataset>/sentencepiece_<vocab>.model
+            tokenizer_file="",  # huggingface: the tokenizer.json to load
+            # dataset=files: your own files, tokenized once into array_record (README: "Your
+            # own corpus"). Comma-separated globs or folders; a missing validation / test
+            # split is held out of train, heldout_fraction of its documents each (seeded).
+            train_files="",
+            validation_files="",
+            test_files="",
+            file_format="auto",  # auto (by extension) | txt | jsonl | parquet
+            text_field="text",  # jsonl: the field holding the text; parquet: the column
+            document_delimiter="",  # txt: '' = a file is a document; else e.g. '\\n\\n'
+            encoding_errors="error",  # invalid UTF-8: error (names file and line) | replace
+            heldout_fraction=0.01,
+            heldout_seed=0,
+            prepare_workers=0,  # tokenizer processes when preparing files; 0 = one per core
             seq_len=128,  # tokens per sequence; windows of seq_len + 1 overlap by one token
             # A TFDS split string. 'train[:10%]' slices records of a TFDS dataset, but windows of
             # seq_len tokens of shakespeare/enwik8 (config.own_split_problem).
@@ -334,9 +350,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-DATASET_OWN = ("shakespeare", "enwik8")
+DATASET_OWN = ("shakespeare", "enwik8", "files")
 DATASET_SPLITS = ("train", "validation", "test")  # the splits of the own datasets
-TOKENIZER_NAMES = ("byte", "sentencepiece")
+TOKENIZER_NAMES = ("byte", "sentencepiece", "huggingface")
+FILE_FORMATS = ("auto", "txt", "jsonl", "parquet")
+ENCODING_ERRORS = ("error", "replace")
 # A split of an own dataset: a split, a slice of one in WINDOWS of seq_len tokens ('train[:10%]',
 # 'test[-50:]', 'validation[100:200]'), or a sum of whole splits ('train+validation').
 OWN_SPLIT_SLICE = r"(?P<base>train|validation|test)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]"
@@ -363,7 +381,7 @@ def data_problems(data: ml_collections.ConfigDict, prefix: str = "data") -> list
     name_ok = isinstance(data.dataset, str) and re.fullmatch(
         r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:\d+\.\d+\.\d+)?", data.dataset) is not None
     _check(p, name_ok, f"{prefix}.dataset",
-           f"{data.dataset!r} is not shakespeare, enwik8 or a TFDS name like 'lm1b' or "
+           f"{data.dataset!r} is not shakespeare, enwik8, files or a TFDS name like 'lm1b' or "
            "'c4/en:3.1.0'")
     own = data.dataset in DATASET_OWN
     if name_ok and not own:
@@ -386,4 +404,31 @@ def data_problems(data: ml_collections.ConfigDict, prefix: str = "data") -> list
     if data.dataset == "enwik8":
         for field in ("enwik8_train_bytes", "enwik8_validation_bytes", "enwik8_test_bytes"):
             _check(p, data[field] > 0, f"{prefix}.{field}", f"must be > 0, got {data[field]}")
+    if data.tokenizer == "huggingface":
+        _check(p, bool(data.tokenizer_file), f"{prefix}.tokenizer_file",
+               "must name a tokenizer.json for data.tokenizer=huggingface")
+    if data.dataset == "files":
+        p += _files_problems(data, prefix)
+    return p
+
+
+def _files_problems(data: ml_collections.ConfigDict, prefix: str) -> list[str]:
+    p: list[str] = []
+    _check(p, bool(data.train_files), f"{prefix}.train_files",
+           "must name your training files for data.dataset=files (comma-separated globs or "
+           "folders, e.g. 'corpus/*.txt')")
+    _check_choice(p, data.file_format, f"{prefix}.file_format", FILE_FORMATS)
+    _check_choice(p, data.encoding_errors, f"{prefix}.encoding_errors", ENCODING_ERRORS)
+    _check(p, bool(data.text_field), f"{prefix}.text_field",
+           "must name the JSONL field / Parquet column holding the text")
+    held_out = not data.validation_files or not data.test_files
+    _check(p, not held_out or 0 < data.heldout_fraction < 0.5, f"{prefix}.heldout_fraction",
+           f"must be in (0, 0.5) to hold validation/test documents out of train, got "
+           f"{data.heldout_fraction}")
+    _check(p, data.prepare_workers >= 0, f"{prefix}.prepare_workers",
+           f"must be >= 0 (0 = one per core), got {data.prepare_workers}")
+    if data.tokenizer == "sentencepiece":
+        _check(p, bool(data.sentencepiece_model), f"{prefix}.sentencepiece_model",
+               "data.dataset=files reads a SentencePiece model you already have: set it to the "
+               ".model file (or use data.tokenizer=huggingface with a tokenizer.json, or byte)")
     return p

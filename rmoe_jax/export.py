@@ -5,7 +5,8 @@
 
 The format (README, "Export format"): HF Llama/Mixtral tensor names in PyTorch `nn.Linear`
 layout (`[out, in]`), `model.safetensors` or shards plus `model.safetensors.index.json`, a
-`config.json` and the tokenizer's files (`tokenizer.model` for SentencePiece).
+`config.json` and the tokenizer's files (`tokenizer.model` for SentencePiece; `tokenizer.json`
+and a `tokenizer_config.json` for a Hugging Face tokenizer, so `AutoTokenizer` opens it).
 
 * A linear (or frozen random) router exports as a Mixtral checkpoint:
   `transformers.MixtralForCausalLM.from_pretrained(folder)` loads it (and gives our logits
@@ -58,7 +59,10 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # SentencePiece
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "huggingface": HF_TOKENIZER_FILE}
 CHECKPOINT_DIR = "checkpoints"  # <workdir>/checkpoints, as rmoe_jax.train.loop writes it
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -608,9 +612,37 @@ def _remote_code_fields(cfg: ml_collections.ConfigDict) -> dict:
 def _tokenizer_ids(data_config) -> dict:
     if data_config is None or data_config.tokenizer == "byte":
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if data_config.tokenizer == "huggingface":
+        return _hf_special_ids(data_config.tokenizer_file)
     from rmoe_jax.data.tokenizers import SP_BOS_ID, SP_EOS_ID, SP_PAD_ID
 
     return {"bos_token_id": SP_BOS_ID, "eos_token_id": SP_EOS_ID, "pad_token_id": SP_PAD_ID}
+
+
+def _hf_special_ids(path: str) -> dict:
+    """bos/eos/pad ids of a tokenizer.json as the training pipeline reads them (the document
+    separator is the BOS; EOS the file's EOS-named special, else the separator)."""
+    from rmoe_jax.data.tokenizers import HF_EOS_NAMES, HuggingFaceTokenizer
+
+    if not path or not os.path.exists(path):
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    tokenizer = HuggingFaceTokenizer(path)
+    eos = next((i for i in map(tokenizer._tok.token_to_id, HF_EOS_NAMES) if i is not None),
+               tokenizer.bos_id)
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
+
+
+def _hf_tokenizer_config(path: str) -> dict:
+    """tokenizer_config.json for a copied tokenizer.json: the fast tokenizer class and its specials."""
+    from rmoe_jax.data.tokenizers import HuggingFaceTokenizer
+
+    tokenizer = HuggingFaceTokenizer(path)
+    ids = _hf_special_ids(path)
+    token = {k: None if ids[f"{k}_token_id"] is None else tokenizer._tok.id_to_token(ids[f"{k}_token_id"])
+             for k in ("bos", "eos", "pad")}
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token["bos"],
+            "eos_token": token["eos"], "pad_token": token["pad"], "add_bos_token": False,
+            "model_max_length": 1_000_000_000_000}
 
 
 def hf_config(model_config: ml_collections.ConfigDict, *, dtype: str = "float32",
@@ -777,8 +809,8 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
                  source: Optional[dict] = None, remote_code: Optional[bool] = None) -> str:
     """Write `params` of the model `model_config` to the folder `out` (see the module doc).
 
-    tokenizer_file: a SentencePiece model to copy in as `tokenizer.model` (None: no tokenizer
-    files; the byte tokenizer has none). Returns the absolute path of `out`.
+    tokenizer_file: the tokenizer's file to copy in: a SentencePiece model (as `tokenizer.model`)
+    or a `tokenizer.json` (None: no tokenizer files; the byte tokenizer has none). Returns the absolute path of `out`.
     remote_code (recurrent routers only; other routers ignore it): whether to ship the
     transformers code of rmoe_jax/hf_remote (and an `auto_map`) in the folder. None: whenever
     it reproduces the model (`remote_code_problems` is empty), else the export goes without
@@ -805,11 +837,18 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
     tensors = {n: np.asarray(np.asarray(t).astype(target), order="C")
                for n, t in to_torch_tensors(model_config, params).items()}
     if data_config is None:
-        tokenizer = {"type": "sentencepiece" if tokenizer_file else "unknown"}
+        tokenizer = {"type": "unknown" if not tokenizer_file else "huggingface"
+                     if tokenizer_file.endswith(".json") else "sentencepiece"}
     else:
         tokenizer = {"type": data_config.tokenizer}
-    if tokenizer["type"] == "sentencepiece":
-        tokenizer["file"] = TOKENIZER_FILE if tokenizer_file else None
+    if tokenizer["type"] in TOKENIZER_FILES:
+        tokenizer["file"] = TOKENIZER_FILES[tokenizer["type"]] if tokenizer_file else None
+    if tokenizer["type"] == "huggingface" and tokenizer_file:
+        data_config = ml_collections.ConfigDict(
+            (data_config or config_lib.data_config()).to_dict())
+        data_config.tokenizer, data_config.tokenizer_file = "huggingface", tokenizer_file
+    hf_tokenizer_config = (_hf_tokenizer_config(tokenizer_file)
+                           if tokenizer["type"] == "huggingface" and tokenizer_file else None)
     config_json = build_config_json(model_config, dtype=dtype, data_config=data_config,
                                     tokenizer=tokenizer, source=source, remote_code=with_code)
 
@@ -830,7 +869,10 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
             with open(os.path.join(folder, INDEX_FILE), "w") as f:
                 json.dump(index, f, indent=2)
         if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, os.path.join(folder, TOKENIZER_FILE))
+            shutil.copyfile(tokenizer_file, os.path.join(folder, tokenizer["file"]))
+        if hf_tokenizer_config is not None:
+            with open(os.path.join(folder, HF_TOKENIZER_CONFIG_FILE), "w") as f:
+                json.dump(hf_tokenizer_config, f, indent=2)
         if with_code:
             for name in hf_remote.FILES:
                 shutil.copyfile(hf_remote.path(name), os.path.join(folder, name))
@@ -842,13 +884,13 @@ def export_model(model_config: ml_collections.ConfigDict, params, out: str, *,
 
 
 def _tokenizer_file(data_config) -> Optional[str]:
-    if data_config.tokenizer != "sentencepiece":
+    if data_config.tokenizer not in TOKENIZER_FILES:
         return None
-    from rmoe_jax.data.tokenizers import sentencepiece_model_path
+    from rmoe_jax.data.tokenizers import tokenizer_file
 
-    path = str(sentencepiece_model_path(data_config))
+    path = str(tokenizer_file(data_config))
     if not os.path.exists(path):
-        raise ExportError(f"the run's SentencePiece model {path} is missing; point "
+        raise ExportError(f"the run's {data_config.tokenizer} tokenizer file {path} is missing; point "
                           "--tokenizer_file at it, or pass --skip_tokenizer to export the "
                           "weights without it")
     return path
@@ -890,7 +932,7 @@ class Export:
     model_config: ml_collections.ConfigDict
     params: Any  # numpy arrays in the model's param_dtype
     data_config: Optional[ml_collections.ConfigDict]  # None when the export has none
-    tokenizer_file: Optional[str]  # the SentencePiece model inside the export, if any
+    tokenizer_file: Optional[str]  # the tokenizer's file inside the export, if any
     config_json: dict
     folder: str
 
@@ -1116,10 +1158,15 @@ def read_export(folder: str) -> Export:
         if block.get("data") is not None:
             data_config = config_from_dict(block["data"], config_lib.data_config(), "data")
     config_lib.validate_model(model_config)
-    tokenizer_file = os.path.join(folder, TOKENIZER_FILE)
-    tokenizer_file = tokenizer_file if os.path.exists(tokenizer_file) else None
-    if data_config is not None and data_config.tokenizer == "sentencepiece" and tokenizer_file:
-        data_config.sentencepiece_model = tokenizer_file
+    kind = data_config.tokenizer if data_config is not None else None
+    candidates = [TOKENIZER_FILES[kind]] if kind in TOKENIZER_FILES else list(TOKENIZER_FILES.values())
+    tokenizer_file = next((os.path.join(folder, name) for name in candidates
+                           if os.path.exists(os.path.join(folder, name))), None)
+    if data_config is not None and tokenizer_file:  # the export's copy, not the run's original
+        if kind == "sentencepiece":
+            data_config.sentencepiece_model = tokenizer_file
+        elif kind == "huggingface":
+            data_config.tokenizer_file = tokenizer_file
     params = from_torch_tensors(model_config, tensors, where=f"export {folder}")
     return Export(model_config=model_config, params=params, data_config=data_config,
                   tokenizer_file=tokenizer_file, config_json=config_json, folder=folder)
@@ -1150,7 +1197,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the contents of a non-empty --out")
     parser.add_argument("--tokenizer_file", default=None,
-                        help="SentencePiece model to include (default: the run's own)")
+                        help="tokenizer file to include: a SentencePiece .model or a "
+                             "tokenizer.json (default: the run's own)")
     parser.add_argument("--skip_tokenizer", action="store_true",
                         help="export without the tokenizer's files")
     parser.add_argument("--skip_remote_code", action="store_true",

@@ -287,6 +287,48 @@ def test_sentencepiece_model_travels_with_the_export(tmp_path):
     assert tokenizer.decode(encode_prompt(tokenizer, "the king")) == "the king"
 
 
+def _train_tokenizer_json(path, texts, specials=("<s>", "<pad>")) -> str:
+    """A byte-level BPE tokenizer.json trained here with the `tokenizers` library."""
+    import tokenizers
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=320, special_tokens=list(specials),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(str(path))
+    return str(path)
+
+
+def test_tokenizer_json_travels_with_the_export_and_opens_in_transformers(tmp_path):
+    from rmoe_jax.config import data_config
+    from rmoe_jax.data import make_tokenizer
+    from rmoe_jax.generate import encode_prompt
+
+    text = "the king and the queen of Dänemark, 東京 "
+    path = _train_tokenizer_json(tmp_path / "tokenizer.json", [text * 20])
+    data = data_config()
+    data.tokenizer, data.tokenizer_file = "huggingface", path
+    cfg = small_model("recurrent", vocab_size=320)
+    out = export.export_model(cfg, random_params(cfg), str(tmp_path / "export"), data_config=data,
+                              tokenizer_file=path)
+    assert open(os.path.join(out, "tokenizer.json"), "rb").read() == open(path, "rb").read()
+    config_json = json.load(open(os.path.join(out, "config.json")))
+    assert config_json["rmoe_jax"]["tokenizer"] == {"type": "huggingface", "file": "tokenizer.json"}
+    # The separator the pipeline puts before documents (<s>, id 0 as trained) is the BOS.
+    assert (config_json["bos_token_id"], config_json["pad_token_id"]) == (0, 1)
+    exported = export.read_export(out)
+    assert exported.data_config.tokenizer_file == os.path.join(out, "tokenizer.json")
+    tokenizer = make_tokenizer(exported.data_config)
+    prompt = encode_prompt(tokenizer, text)
+    assert prompt[0] == tokenizer.bos_id == 0 and tokenizer.decode(prompt[1:]) == text
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf.encode(text, add_special_tokens=False) == prompt[1:].tolist()
+    assert (hf.bos_token, hf.pad_token) == ("<s>", "<pad>")
+
+
 def test_damaged_exports_are_refused_naming_the_file_field_or_tensor(tmp_path, capsys):
     """Read-side faults: each export is refused (ExportError; evaluate/generate exit 2 with one
     line) naming the file, the config.json field or the tensor, and the folder is left as it was."""

@@ -31,6 +31,7 @@ from absl import logging
 
 from rmoe_jax.data import sources
 from rmoe_jax.data.packing import PackedWindows, concat_documents, num_windows
+from rmoe_jax.data.token_chunks import TokenChunks
 from rmoe_jax.data.tokenizers import Tokenizer, make_tokenizer
 
 _STATE_VERSION = 1
@@ -71,6 +72,8 @@ _CACHE_LOCK = threading.Lock()
 def _stream_key(data: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> tuple:
     """Everything the tokenized stream depends on (the model file's mtime included)."""
     model = getattr(tokenizer, "model_path", None)
+    if data.dataset == "files":  # the config name keys the files and the tokenizer
+        return (data.dataset, str(sources.dataset_dir(data)), split)
     return (data.dataset, sources.resolve_data_dir(data.data_dir), split,
             sources.text_feature(data), data.enwik8_train_bytes, data.enwik8_validation_bytes,
             data.enwik8_test_bytes, data.tokenizer, model,
@@ -132,13 +135,16 @@ def _load_stream(data: ml_collections.ConfigDict, split: str, tokenizer: Tokeniz
             _CACHE.move_to_end(key)
             return _CACHE[key]
     start = time.perf_counter()
-    docs = sources.read_documents(data, split)
-    tokens = concat_documents(tokenizer.encode_batch(docs), tokenizer.bos_id,
-                              tokenizer.stream_dtype)
-    tokens.flags.writeable = False  # shared through the cache: nobody may modify it
-    stream = _Stream(tokens, len(docs), sum(len(d) for d in docs))
+    if data.dataset == "files":  # tokenized when prepared: read from disk as needed
+        stream = _files_stream(data, split)
+    else:
+        docs = sources.read_documents(data, split)
+        tokens = concat_documents(tokenizer.encode_batch(docs), tokenizer.bos_id,
+                                  tokenizer.stream_dtype)
+        tokens.flags.writeable = False  # shared through the cache: nobody may modify it
+        stream = _Stream(tokens, len(docs), sum(len(d) for d in docs))
     logging.info("%s/%s: %d documents, %d bytes -> %d tokens (%s) in %.2fs", data.dataset,
-                 split, stream.num_documents, stream.num_bytes, tokens.size, data.tokenizer,
+                 split, stream.num_documents, stream.num_bytes, stream.tokens.size, data.tokenizer,
                  time.perf_counter() - start)
     with _CACHE_LOCK:
         _CACHE[key] = stream
@@ -147,8 +153,23 @@ def _load_stream(data: ml_collections.ConfigDict, split: str, tokenizer: Tokeniz
     return stream
 
 
-def token_stream(data: ml_collections.ConfigDict, split: str) -> np.ndarray:
-    """The tokens [N] of `split`, documents concatenated (read-only, cached)."""
+def _files_stream(data: ml_collections.ConfigDict, split: str) -> _Stream:
+    """A `files` split (or a sum of splits, 'train+validation') read from its token chunks."""
+    builder = sources.ensure_prepared(data)
+    meta = builder.info.metadata
+    parts, documents, num_bytes = [], 0, 0
+    for name in split.split("+"):
+        counts = meta["splits"][name]
+        parts.append((builder.as_data_source(split=name), counts["num_tokens"]))
+        documents += counts["num_documents"]
+        num_bytes += counts["num_bytes"]
+    tokens = TokenChunks(parts, meta["chunk_tokens"], np.dtype(meta["dtype"]))
+    return _Stream(tokens, documents, num_bytes)
+
+
+def token_stream(data: ml_collections.ConfigDict, split: str) -> np.ndarray | TokenChunks:
+    """The tokens [N] of `split`, documents concatenated (read-only, cached); for `files`, a
+    `TokenChunks` view that reads from disk (`np.asarray` it for a small split)."""
     return _load_stream(data, split, make_tokenizer(data)).tokens
 
 
@@ -260,6 +281,8 @@ def make_train_iterator(data: ml_collections.ConfigDict, *, batch_size: int, see
                        seq_len=int(data.seq_len), num_windows=len(windows),
                        batch_size=int(batch_size), seed=int(seed),
                        process_index=int(process_index), process_count=int(process_count))
+    if data.dataset == "files":  # another corpus or tokenizer is another order of windows
+        fingerprint["files_build"] = sources.dataset_dir(data).name
     return TrainIterator(windows, batch_size=batch_size, seed=seed,
                          process_index=process_index, process_count=process_count,
                          fingerprint=fingerprint)

@@ -43,7 +43,8 @@ class PackedWindows:
     def __init__(self, stream: np.ndarray, seq_len: int, pad_id: int = 0):
         if seq_len <= 0:
             raise ValueError(f"data.seq_len: must be > 0, got {seq_len}")
-        self.stream = np.asarray(stream)
+        # A TokenChunks stream (files on disk) is indexed as it is, never loaded whole.
+        self.stream = stream if hasattr(stream, "chunk_tokens") else np.asarray(stream)
         self.seq_len = int(seq_len)
         self.pad_id = int(pad_id)
 

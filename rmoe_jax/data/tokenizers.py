@@ -1,4 +1,5 @@
-"""Tokenizers with one interface: bytes (vocab 256) and SentencePiece (trained offline).
+"""Tokenizers with one interface: bytes (vocab 256), SentencePiece (a `.model` file, trained
+here or brought along) and Hugging Face `tokenizer.json` files (the `tokenizers` library).
 
 Interface (`Tokenizer`):
   vocab_size: int                      ids are in [0, vocab_size)
@@ -25,11 +26,12 @@ from typing import Protocol, runtime_checkable
 import ml_collections
 import numpy as np
 import sentencepiece as spm
+import tokenizers as hf_tokenizers
 from etils import epath
 
-from rmoe_jax.data.errors import DataNotPreparedError
+from rmoe_jax.data.errors import BadInputError, DataNotPreparedError
 
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "huggingface")
 # SentencePiece special ids (fixed so padding is a real, never-predicted token, id 0).
 SP_PAD_ID, SP_UNK_ID, SP_BOS_ID, SP_EOS_ID = 0, 1, 2, 3
 # byte_fallback reserves 256 byte pieces; with the 4 specials and '\n' this is the floor.
@@ -88,7 +90,11 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_path: str | os.PathLike):
         self.model_path = str(model_path)
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except (OSError, RuntimeError) as e:
+            raise BadInputError(f"data.sentencepiece_model: {self.model_path} does not load as a "
+                             f"SentencePiece model ({str(e)[:200]})") from None
         self.vocab_size = int(self._sp.get_piece_size())
         # Models trained elsewhere may lack pad/bos; fall back to id 0 / no separator.
         self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else 0
@@ -109,6 +115,88 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+
+# Names the common tokenizer.json files give their specials, most specific first.
+HF_BOS_NAMES = ("<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>", "[BOS]", "<|bos|>")
+HF_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|eos|>")
+HF_PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+
+
+def _template_specials(config: dict) -> tuple[str | None, str | None]:
+    """The special tokens a `TemplateProcessing` post-processor puts before and after a single
+    sequence (Llama: `<s> $A`, so BOS `<s>`); (None, None) for any other post-processor."""
+    processor = config.get("post_processor") or {}
+    if processor.get("type") == "Sequence":
+        processor = next((p for p in processor.get("processors", [])
+                          if p.get("type") == "TemplateProcessing"), {})
+    if processor.get("type") != "TemplateProcessing":
+        return None, None
+    pieces = processor.get("single", [])
+    first_sequence = next((i for i, p in enumerate(pieces) if "Sequence" in p), len(pieces))
+    before = [p["SpecialToken"]["id"] for p in pieces[:first_sequence] if "SpecialToken" in p]
+    after = [p["SpecialToken"]["id"] for p in pieces[first_sequence:] if "SpecialToken" in p]
+    return (before[0] if before else None), (after[-1] if after else None)
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face `tokenizer.json`, loaded with the `tokenizers` library (no transformers).
+
+    The document separator (`bos_id`) is taken from the file: the BOS its post-processor
+    template puts before a sequence, else a special token named like a BOS (`<s>`,
+    `<|begin_of_text|>`, ...), else one named like an EOS (`<|endoftext|>`, `</s>`: GPT-2
+    style files have only that), else none. Text is encoded without the post-processor's
+    specials; the packer puts the separator before every document itself.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import json
+
+        self.model_path = str(path)
+        try:
+            self._tok = hf_tokenizers.Tokenizer.from_file(self.model_path)
+            with open(self.model_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except Exception as e:  # noqa: BLE001 - the library raises bare Exceptions
+            raise BadInputError(f"data.tokenizer_file: {self.model_path} does not load as a Hugging "
+                             f"Face tokenizer.json ({type(e).__name__}: {str(e)[:200]})") from None
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        specials = {t["content"] for t in config.get("added_tokens", []) if t.get("special")}
+        template_bos, template_eos = _template_specials(config)
+
+        def first(names) -> int | None:
+            for name in names:
+                if name and (name in specials or name in (template_bos, template_eos)):
+                    token_id = self._tok.token_to_id(name)
+                    if token_id is not None:
+                        return int(token_id)
+            return None
+
+        self.bos_id = first((template_bos,) + HF_BOS_NAMES + (template_eos,) + HF_EOS_NAMES)
+        pad = first(HF_PAD_NAMES)
+        self.pad_id = pad if pad is not None else (self.bos_id if self.bos_id is not None else 0)
+        self.stream_dtype = _narrowest_dtype(self.vocab_size)
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
+        encodings = self._tok.encode_batch([SentencePieceTokenizer._text(t) for t in texts],
+                                           add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                                skip_special_tokens=False)
+
+
+def tokenizer_file(data: ml_collections.ConfigDict) -> epath.Path | None:
+    """The file the tokenizer is loaded from (its model), or None for bytes."""
+    if data.tokenizer == "sentencepiece":
+        return sentencepiece_model_path(data)
+    if data.tokenizer == "huggingface":
+        return epath.Path(os.path.abspath(os.path.expanduser(data.tokenizer_file)))
+    return None
 
 
 def sentencepiece_model_path(data: ml_collections.ConfigDict) -> epath.Path:
@@ -149,6 +237,13 @@ def make_tokenizer(data: ml_collections.ConfigDict) -> Tokenizer:
                 f"SentencePiece model {path} not found; train it on the {data.train_split} "
                 f"split with: {sentencepiece_command(data)}")
         return SentencePieceTokenizer(path)
+    if data.tokenizer == "huggingface":
+        path = tokenizer_file(data)
+        if not data.tokenizer_file or not path.is_file():
+            raise DataNotPreparedError(
+                f"data.tokenizer_file: {data.tokenizer_file!r} is not a file ({path}); point it "
+                "at the tokenizer.json to use with data.tokenizer=huggingface")
+        return HuggingFaceTokenizer(path)
     raise ValueError(f"data.tokenizer: {data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
 
 

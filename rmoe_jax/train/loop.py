@@ -257,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate_all(config)  # bad values first, every field in one message
     # Then the data, before any work: a data dir that is a file or cannot be written, a missing
     # or damaged raw file fail here, before the workdir is created or anything compiled.
-    _data_module().prepare_dataset(config.data)
+    _data_module().prepare_dataset(config.data, progress=jax.process_index() == 0)
     mesh = state_lib.make_mesh(config.mesh)
     rules = parallel.rules_from_config(config.mesh)
     workdir = os.path.abspath(os.path.expanduser(workdir))
