@@ -322,33 +322,49 @@ def format_reports(reports: list[StepReport], *, devices: int, device_kind: str,
                    tokens_per_step: int | dict, model_flops_per_step: float,
                    loop_costs: bool = True) -> str:
     """A markdown table, one row per step. `tokens_per_step`: an int, or a dict by step name.
-    Without `loop_costs` the FLOPs/bytes are XLA's loop-once undercount: no roofline from them."""
+    Without `loop_costs` the FLOPs/bytes are XLA's loop-once undercount: no roofline from them.
+
+    Times per step: `compute` = compiled FLOPs / peak, `model compute` = the analytic model
+    FLOPs / peak (train only), `memory` = compiled bytes / HBM bandwidth. The roofline is
+    max(compute, memory) and `bound` says which term sets it. `MFU bound` = model compute /
+    roofline (the compiled program as XLA counts it); `MFU bound, model FLOPs` = model compute /
+    max(model compute, memory): the same bytes, but only the model's FLOPs, as MaxText counts
+    MFU (it differs where a kernel's cost estimate overcounts, e.g. megablox `gmm` counting its
+    whole static buffer, or where remat recomputes the forward).
+    """
     gib = 2**30
     lines = [f"{devices} x {device_kind}" + (f" ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
                                              f"{chip.hbm_bandwidth / 1e12:.2f} TB/s, "
                                              f"{chip.hbm_bytes / gib:.0f} GiB HBM)" if chip else ""),
              "",
              "| step | args GiB | temp GiB | output GiB | peak GiB/chip | fits | TFLOPs/chip | "
-             "model TFLOPs/chip | GB accessed/chip | roofline s | tokens/s | MFU bound | collectives |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "model TFLOPs/chip | GB accessed/chip | compute s | model compute s | memory s | "
+             "roofline s | bound | tokens/s | MFU bound | MFU bound, model FLOPs | collectives |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in reports:
         tokens_step = tokens_per_step[r.name] if isinstance(tokens_per_step, dict) else tokens_per_step
         fits = "-" if chip is None else ("yes" if r.peak_bytes <= chip.hbm_bytes else
                                          f"NO: {(r.peak_bytes - chip.hbm_bytes) / gib:.1f} GiB over")
+        train = r.name == "train"
+        cells = ["-"] * 8  # compute, model compute, memory, roofline, bound, tokens/s, 2 x MFU
         if chip is not None and loop_costs:
+            compute = r.flops / chip.peak_flops
+            memory = r.bytes_accessed / chip.hbm_bandwidth
             seconds = roofline_seconds(r.flops, r.bytes_accessed, chip)
-            tokens = f"{tokens_step / seconds:,.0f}"
-            mfu = (f"{model_flops_per_step / (devices * chip.peak_flops * seconds):.0%}"
-                   if r.name == "train" else "-")
-            seconds = f"{seconds:.4g}"
-        else:
-            seconds = tokens = mfu = "-"
+            cells[0], cells[2], cells[3] = f"{compute:.4g}", f"{memory:.4g}", f"{seconds:.4g}"
+            cells[4] = "memory" if memory >= compute else "compute"
+            cells[5] = f"{tokens_step / seconds:,.0f}"
+            if train:
+                model = model_flops_per_step / devices / chip.peak_flops
+                cells[1] = f"{model:.4g}"
+                cells[6] = f"{model / seconds:.0%}"
+                cells[7] = f"{model / max(model, memory):.0%}"
         collectives = ", ".join(f"{k} {v}" for k, v in r.collectives.items() if v) or "none"
-        model = f"{model_flops_per_step / devices / 1e12:.3g}" if r.name == "train" else "-"
+        model_tflops = f"{model_flops_per_step / devices / 1e12:.3g}" if train else "-"
         lines.append(f"| {r.name} | {r.argument_bytes / gib:.2f} | {r.temp_bytes / gib:.2f} | "
                      f"{r.output_bytes / gib:.2f} | {r.peak_bytes / gib:.2f} | {fits} | "
-                     f"{r.flops / 1e12:.3g} | {model} | {r.bytes_accessed / 1e9:.3g} | {seconds} | "
-                     f"{tokens} | {mfu} | {collectives} |")
+                     f"{r.flops / 1e12:.3g} | {model_tflops} | {r.bytes_accessed / 1e9:.3g} | "
+                     + " | ".join(cells) + f" | {collectives} |")
     return "\n".join(lines)
 
 

@@ -58,6 +58,11 @@ def moe_config() -> ml_collections.ConfigDict:
             renormalize=True,  # renormalise the k gate weights to sum to 1
             dispatch="dropless",
             capacity_factor=1.25,
+            # dropless over an expert mesh axis: each all-to-all block holds this factor times
+            # the balanced share of rows (MaxText's ragged_buffer_factor); 0 = the exact worst
+            # case. Overflow: rerun (the step again with worst-case blocks: exact) | drop.
+            exchange_factor=0.0,
+            exchange_overflow="rerun",
             shared_expert=False,
             shared_expert_hidden=0,  # 0 means expert_hidden
             routed_weight=0.5,  # official code: 0.5 * moe + 0.5 * shared
@@ -264,6 +269,10 @@ def moe_problems(moe: ml_collections.ConfigDict, prefix: str) -> list[str]:
     _check_choice(p, moe.dispatch, f"{prefix}.dispatch", DISPATCH_NAMES)
     _check(p, moe.capacity_factor > 0, f"{prefix}.capacity_factor",
            f"must be > 0, got {moe.capacity_factor}")
+    _check(p, moe.get("exchange_factor", 0.0) >= 0, f"{prefix}.exchange_factor",
+           f"must be >= 0 (0 = worst-case blocks), got {moe.get('exchange_factor')}")
+    _check_choice(p, moe.get("exchange_overflow", "rerun"), f"{prefix}.exchange_overflow",
+                  ("rerun", "drop"))
     _check_choice(p, moe.balance_aggregation, f"{prefix}.balance_aggregation", BALANCE_AGGREGATIONS)
     _check(p, moe.balance_coef >= 0, f"{prefix}.balance_coef", "must be >= 0")
     _check(p, moe.z_loss_coef >= 0, f"{prefix}.z_loss_coef", "must be >= 0")

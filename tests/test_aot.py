@@ -50,12 +50,19 @@ def test_roofline_against_hand_computation():
                             collectives={"all-to-all": 4, "all-gather": 0})
     assert report.peak_bytes == 3 * 2**30
     # 8 chips, 1,000,000 tokens in 2.0 s = 500,000 tokens/s; model FLOPs 2.9376e15 over
-    # 8 chips x 459e12 x 2.0 s = 7.344e15 -> MFU bound 40%; 2.9376e15 / 8 = 367.2 TFLOP per chip.
+    # 8 chips x 459e12 x 2.0 s = 7.344e15 -> MFU bound 40%; 2.9376e15 / 8 = 367.2 TFLOP per chip,
+    # 0.8 s of model compute per chip; memory 1e12 / 2.765e12 = 0.3617 s, so with only the
+    # model's FLOPs the roofline would be 0.8 s: 100%.
     table = aot.format_reports([report], devices=8, device_kind="TPU v5", chip=chip,
                                tokens_per_step=1_000_000, model_flops_per_step=2.9376e15)
     row = table.splitlines()[-1]
-    assert ("| train | 1.00 | 2.00 | 1.00 | 3.00 | yes | 918 | 367 | 1e+03 | 2 | 500,000 | 40% "
-            "| all-to-all 4 |") == row
+    assert ("| train | 1.00 | 2.00 | 1.00 | 3.00 | yes | 918 | 367 | 1e+03 | 2 | 0.8 | 0.3617 | 2 "
+            "| compute | 500,000 | 40% | 100% | all-to-all 4 |") == row
+    # Memory-bound: 5.53e12 bytes -> 2.0 s; model compute 0.8 s -> 40% either way.
+    memory_bound = aot.dataclasses.replace(report, bytes_accessed=5.53e12)
+    row = aot.format_reports([memory_bound], devices=8, device_kind="TPU v5", chip=chip,
+                             tokens_per_step=1_000_000, model_flops_per_step=2.9376e15).splitlines()[-1]
+    assert "| 2 | 0.8 | 2 | 2 | memory | 500,000 | 40% | 40% |" in row
 
 
 def test_fit_problem_names_buffer_and_excess():

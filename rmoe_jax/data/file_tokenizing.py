@@ -66,12 +66,21 @@ def _paths(out_dir: str, unit: file_corpus.Unit) -> tuple[str, str]:
 
 @dataclasses.dataclass
 class Shard:
-    """A finished unit: tokens [T] (memory-mapped) and per-document arrays [D]."""
+    """A finished unit: per-document arrays [D]; its tokens [T] are mapped from disk on use
+    (`tokens`), so a corpus of thousands of units never holds thousands of open maps."""
 
-    tokens: np.ndarray
+    tokens_path: str
+    dtype: np.dtype
     token_counts: np.ndarray
     byte_counts: np.ndarray
     scores: np.ndarray
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The unit's tokens, memory-mapped read-only (a new map per access: keep it while needed)."""
+        if not int(self.token_counts.sum()):
+            return np.zeros(0, self.dtype)
+        return np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
 
     @property
     def starts(self) -> np.ndarray:
@@ -90,12 +99,9 @@ def load_shard(out_dir: str, unit: file_corpus.Unit, dtype) -> Shard | None:
     except (OSError, ValueError, KeyError):
         return None
     dtype = np.dtype(dtype).newbyteorder("<")
-    total = int(arrays["token_counts"].sum())
-    if os.path.getsize(tokens_path) != total * dtype.itemsize:
+    if os.path.getsize(tokens_path) != int(arrays["token_counts"].sum()) * dtype.itemsize:
         return None
-    tokens = (np.memmap(tokens_path, dtype=dtype, mode="r") if total
-              else np.zeros(0, dtype))
-    return Shard(tokens, **arrays)
+    return Shard(tokens_path, dtype, **arrays)
 
 
 def tokenize_unit(unit: file_corpus.Unit, options: file_corpus.ReadOptions, spec: dict,

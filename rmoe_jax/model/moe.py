@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from rmoe_jax.model import gating
 from rmoe_jax.model.dispatch import ExpertWeights, capacity_dispatch, dropless_dispatch, expert_capacity
-from rmoe_jax.model.expert_parallel import dropless_expert_parallel
+from rmoe_jax.model.expert_parallel import expert_parallel_dispatch
 from rmoe_jax.model.routers import build_router
 from rmoe_jax.parallel import active_mesh
 
@@ -69,14 +69,20 @@ class MoEBlock(nn.Module):
             y, kept = capacity_dispatch(x, weights.reshape(batch, seq, -1),
                                         indices.reshape(batch, seq, -1), experts, capacity)
             dropped_fraction = 1.0 - jnp.mean(kept.astype(jnp.float32))
+            exchange_dropped = jnp.zeros((), jnp.float32)
         else:
             mesh = active_mesh()
             if mesh is None:
                 y = dropless_dispatch(tokens, weights, indices, experts)
+                exchange_dropped = jnp.zeros((), jnp.float32)
             else:
-                y = dropless_expert_parallel(mesh, tokens, weights, indices, experts, cfg.num_experts)
+                y, dropped_rows = expert_parallel_dispatch(
+                    mesh, tokens, weights, indices, experts, cfg.num_experts,
+                    float(cfg.get("exchange_factor", 0.0)))
+                exchange_dropped = dropped_rows.astype(jnp.float32)
             y = y.reshape(batch, seq, d_model)
-            dropped_fraction = jnp.zeros((), jnp.float32)
+            # Rows past a full exchange block (bounded blocks only; see expert_parallel.py).
+            dropped_fraction = exchange_dropped / (batch * seq * cfg.top_k)
 
         if cfg.shared_expert:
             shared_hidden = cfg.shared_expert_hidden or cfg.expert_hidden
@@ -89,6 +95,7 @@ class MoEBlock(nn.Module):
             "mean_probs": jnp.mean(probs, axis=0),
             "z_loss": gating.z_loss(logits),
             "dropped_fraction": dropped_fraction,
+            "exchange_dropped": exchange_dropped,  # rows, over the whole batch
             **gating.routing_stats(probs, cfg.top_k),
         }
         return y.astype(x.dtype), new_state, layer_aux

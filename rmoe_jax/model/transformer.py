@@ -202,7 +202,8 @@ def aggregate_aux(layer_aux: dict, moe: ml_collections.FrozenConfigDict) -> dict
         "expert_load": layer_aux["fractions"],
         "balance_loss_per_layer": per_layer,
         **{name: layer_aux[name] for name in
-           ("gate_entropy", "top1_top2_ratio", "topk_weight_sum", "dropped_fraction", "z_loss")},
+           ("gate_entropy", "top1_top2_ratio", "topk_weight_sum", "dropped_fraction",
+            "exchange_dropped", "z_loss")},
     }
     return {
         "aux_loss": moe.balance_coef * balance + moe.z_loss_coef * z,

@@ -145,7 +145,8 @@ def _diff(saved: Any, current: Any, prefix: str) -> list[str]:
 
 # Model fields that change how the step is computed, not the function it computes: a resumed run
 # may change them freely (e.g. another remat policy on other hardware).
-EXECUTION_FIELDS = ("model.remat_policy", "model.attention_chunk", "model.scan_unroll", "model.dtype")
+EXECUTION_FIELDS = ("model.remat_policy", "model.attention_chunk", "model.scan_unroll", "model.dtype",
+                    "model.moe.exchange_factor")
 # Train fields that define the learning-rate schedule (num_steps only matters for cosine).
 SCHEDULE_FIELDS = ("train.schedule", "train.learning_rate", "train.warmup_steps",
                    "train.final_learning_rate")
@@ -341,9 +342,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
     byte_level = data_cfg.tokenizer == "byte"
 
     # -- compiled steps ----------------------------------------------------------------------------
-    step_fn = jax.jit(make_train_step(model, tx, train_cfg, frozen_mask=frozen),
-                      in_shardings=(state_sh, batch_sh),
-                      out_shardings=(state_sh, state_lib.replicated(mesh)), donate_argnums=0)
+    moe_cfg = config.model.moe
+    rerun_overflow = (moe_cfg.dispatch == "dropless" and moe_cfg.get("exchange_factor", 0.0) > 0
+                      and moe_cfg.get("exchange_overflow", "rerun") == "rerun")
+
+    def jit_step(step_model, keep_state: bool):
+        return jax.jit(make_train_step(step_model, tx, train_cfg, frozen_mask=frozen,
+                                       keep_state_on_exchange_overflow=keep_state),
+                       in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, state_lib.replicated(mesh)), donate_argnums=0)
+
+    step_fn = jit_step(model, rerun_overflow)
+    exact_step_fn = None  # worst-case exchange blocks, compiled on the first overflow
     eval_fn = jax.jit(make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
                       out_shardings=state_lib.replicated(mesh))
 
@@ -447,8 +457,21 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
         step = start_step
         while step < num_steps:
             t0 = time.time()
-            state, metrics = step_fn(state, to_global(next(train_iter)))
+            batch = to_global(next(train_iter))
+            state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)
+            if rerun_overflow and float(metrics["exchange_overflow"]) > 0:
+                # The bounded blocks overflowed and the step kept the old state: run the same
+                # batch with worst-case blocks, so dropless stays exact.
+                note(f"step {step + 1}: {int(metrics['exchange_overflow']):,} rows overflowed the "
+                     f"expert exchange blocks (moe.exchange_factor={moe_cfg.exchange_factor}); "
+                     "re-running the step with worst-case blocks")
+                if exact_step_fn is None:
+                    exact_config = ml_collections.ConfigDict(config.model.to_dict())
+                    exact_config.moe.exchange_factor = 0.0
+                    exact_step_fn = jit_step(build_model(exact_config), False)
+                state, metrics = exact_step_fn(state, batch)
+                metrics = jax.device_get(metrics)
             if step > start_step:
                 interval_time += time.time() - t0
                 timed_steps += 1

@@ -45,8 +45,14 @@ def make_train_step(
     train: ml_collections.ConfigDict,
     *,
     frozen_mask: Any = None,
+    keep_state_on_exchange_overflow: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `step(state, batch) -> (state, metrics)` (not jitted: the caller jits it).
+
+    `metrics['exchange_overflow']` counts the rows that bounded expert-parallel exchange blocks
+    dropped (summed over layers and micro-batches). With `keep_state_on_exchange_overflow`
+    (dropless with `moe.exchange_overflow=rerun`) a step that dropped any returns the state it
+    was given, unchanged, so the caller can run the batch again with worst-case blocks.
 
     `batch` holds `inputs`, `targets` (int32 [b, seq]) and `weights` (float [b, seq]);
     with `train.grad_accum_steps = k` the batch is split into k micro-batches of b / k rows
@@ -108,7 +114,12 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        overflow = jnp.sum(aux.get("stats/exchange_dropped", jnp.zeros(()))) * accum
+        if keep_state_on_exchange_overflow:
+            new_state = jax.tree.map(lambda old, new: jnp.where(overflow > 0, old, new),
+                                     state, new_state)
         metrics = dict(aux)
+        metrics["exchange_overflow"] = overflow
         metrics.update(loss=loss, ce_loss=ce_loss, grad_norm=grad_norm,
                        learning_rate=schedule(state.step), tokens=weight_sum)
         return new_state, metrics

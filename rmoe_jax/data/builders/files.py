@@ -240,12 +240,15 @@ class Files(Builder):
         def pieces() -> Iterator[np.ndarray]:
             for shard, code in zip(shards, codes):
                 mask = code == index
-                if mask.all():
-                    yield from (shard.tokens[i:i + CHUNK_TOKENS]
-                                for i in range(0, shard.tokens.size, CHUNK_TOKENS))
+                if not mask.any():
                     continue
-                for start, count in zip(shard.starts[mask], shard.token_counts[mask]):
-                    yield shard.tokens[start:start + count]
+                tokens = shard.tokens  # one map per unit, released before the next
+                if mask.all():
+                    yield from (tokens[i:i + CHUNK_TOKENS] for i in range(0, tokens.size, CHUNK_TOKENS))
+                else:
+                    for start, count in zip(shard.starts[mask], shard.token_counts[mask]):
+                        yield tokens[start:start + count]
+                del tokens
 
         for number, chunk in enumerate(_chunks(pieces(), CHUNK_TOKENS)):
             yield number, {"tokens": np.ascontiguousarray(chunk).tobytes(), "index": number}
