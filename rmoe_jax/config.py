@@ -185,7 +185,9 @@ def train_config() -> ml_collections.ConfigDict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    # rules: logical-axis overrides of rmoe_jax.parallel.DEFAULT_RULES, e.g.
+    # 'embed=fsdp+expert,mlp=none' ('' = the defaults).
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, rules=""))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -343,20 +345,33 @@ def mesh_problems(mesh: ml_collections.ConfigDict, prefix: str = "mesh") -> list
                f"must be -1 (fill the remaining devices) or > 0, got {mesh[axis]}")
     fill = [axis for axis in ("data", "fsdp", "expert", "tensor") if mesh[axis] == -1]
     _check(p, len(fill) <= 1, prefix, f"only one axis may be -1, got {', '.join(fill)}")
+    if mesh.get("rules", ""):
+        from rmoe_jax.parallel import parse_rules  # local: the schema stays free of JAX
+
+        try:
+            parse_rules(mesh.rules)
+        except ValueError as e:
+            p.append(str(e))
     return p
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Every reason the experiment `config` is invalid, each naming its field (touches no files)."""
+    found = model_problems(config.model)
+    found += data_problems(config.data)
+    found += train_problems(config.train)
+    found += mesh_problems(config.mesh)
+    if config.data.seq_len > config.model.max_seq_len:
+        found.append(f"data.seq_len: {config.data.seq_len} is longer than "
+                     f"model.max_seq_len={config.model.max_seq_len}")
+    return found
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check a whole experiment config; raise one `ConfigError` listing every problem."""
-    problems = model_problems(config.model)
-    problems += data_problems(config.data)
-    problems += train_problems(config.train)
-    problems += mesh_problems(config.mesh)
-    if config.data.seq_len > config.model.max_seq_len:
-        problems.append(f"data.seq_len: {config.data.seq_len} is longer than "
-                        f"model.max_seq_len={config.model.max_seq_len}")
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    problems_found = problems(config)
+    if problems_found:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems_found))
 
 
 DATASET_OWN = ("shakespeare", "enwik8", "files")

@@ -58,11 +58,35 @@ PARAM_AXES = (
 ROUTER_AXES = {0: (), 1: ("router_out",), 2: ("router_in", "router_out")}
 
 
+def parse_rules(text: str) -> dict[str, Any]:
+    """`mesh.rules` overrides, 'embed=fsdp+expert,mlp=none' -> {'embed': ('fsdp', 'expert'),
+    'mlp': None}: each logical name of `DEFAULT_RULES` listed gets those mesh axes instead.
+
+    Raises:
+      ValueError: naming the entry, an unknown logical name or an unknown mesh axis.
+    """
+    names = {name for name, _ in DEFAULT_RULES}
+    out: dict[str, Any] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or name not in names:
+            raise ValueError(f"mesh.rules: {entry!r} is not NAME=AXES with NAME one of "
+                             f"{', '.join(sorted(names))} (e.g. 'embed=fsdp+expert,mlp=none')")
+        axes = tuple(a.strip() for a in value.split("+")) if value.lower() != "none" else None
+        unknown = [a for a in axes or () if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"mesh.rules: {entry!r} names {', '.join(unknown)}, not mesh axes "
+                             f"({', '.join(MESH_AXES)}, or none)")
+        out[name] = axes[0] if axes and len(axes) == 1 else axes
+    return out
+
+
 def rules_from_config(mesh_config: ml_collections.ConfigDict) -> tuple:
-    """The logical-axis rules: `mesh.rules` if set, else `DEFAULT_RULES`."""
-    rules = mesh_config.get("rules", None)
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                 for name, axes in (rules or DEFAULT_RULES))
+    """The logical-axis rules: `DEFAULT_RULES` with the `mesh.rules` overrides applied."""
+    overrides = parse_rules(mesh_config.get("rules", "") or "")
+    return tuple((name, overrides.get(name, axes)) for name, axes in DEFAULT_RULES)
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:

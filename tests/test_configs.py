@@ -108,3 +108,26 @@ def test_set_fields_refuses_an_unknown_field():
     assert config.model.router.name == "linear"
     with pytest.raises(KeyError, match="config has no field 'model.router.nmae'"):
         set_fields(config, {"model.router.nmae": "linear"})
+
+
+def test_mesh_rules_override_the_defaults_and_bad_ones_name_the_entry():
+    from rmoe_jax import config as config_lib
+    from rmoe_jax import parallel
+
+    config = default_config()
+    assert parallel.rules_from_config(config.mesh) == parallel.DEFAULT_RULES
+    config.mesh.rules = "embed=fsdp+expert, mlp=none,heads=tensor"
+    rules = dict(parallel.rules_from_config(config.mesh))
+    assert rules["embed"] == ("fsdp", "expert") and rules["mlp"] is None
+    assert rules["heads"] == "tensor" and rules["vocab"] == dict(parallel.DEFAULT_RULES)["vocab"]
+    assert config_lib.problems(config) == []
+    # The rule reaches the placement of a parameter: the embedding over fsdp and expert.
+    import jax
+
+    spec = parallel.param_specs({"embed": {"embedding": jax.ShapeDtypeStruct((64, 32), "float32")}},
+                                tuple(rules.items()))
+    assert tuple(spec["embed"]["embedding"]) == ("tensor", ("fsdp", "expert"))
+    for bad, why in (("embeds=fsdp", "is not NAME=AXES"), ("embed", "is not NAME=AXES"),
+                     ("embed=fsdp+model", "names model, not mesh axes")):
+        config.mesh.rules = bad
+        assert [p for p in config_lib.problems(config) if why in p and bad in p], bad

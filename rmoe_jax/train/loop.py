@@ -84,11 +84,7 @@ def tokenizer_vocab_size(data_config: ml_collections.ConfigDict) -> int:
 def validate_all(config: ml_collections.ConfigDict, *, check_vocab: bool = True) -> None:
     """`rmoe_jax.config.validate` plus the checks that need the data (tokenizer vocab) or the
     runtime (processes, devices); every problem reported in one `ConfigError`."""
-    problems: list[str] = []
-    try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        problems += [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+    problems = config_lib.problems(config)
     train = config.train
     processes = jax.process_count()
     if train.batch_size > 0 and train.grad_accum_steps > 0:
