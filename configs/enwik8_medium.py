@@ -11,7 +11,8 @@ Our backbone is a Llama-style pre-norm decoder, not the paper's Transformer-XL o
 routers with each other, not absolute BPC with the paper.
 
 The router is chosen by `model.router.name` plus its options. Each paper row is either a config
-argument after the file name (`configs/enwik8_medium.py:ROW`) or the equivalent overrides:
+argument after the file name (`configs/enwik8_medium.py:ROW`; any name of `python -m
+rmoe_jax.compare --help`'s table works too, e.g. `rmoe_np`) or the equivalent overrides:
 
 Table 1
     rmoe        (default)                      --config.model.router.name=recurrent
@@ -38,40 +39,22 @@ Shared expert (DeepSeekMoE style, official code's 0.5 * moe + 0.5 * shared)
     shared      --config.model.moe.shared_expert=True
 """
 
+from rmoe_jax import router_rows
 from rmoe_jax.config import default_config
+from rmoe_jax.router_rows import ROUTERS, resolve
 
-# Row name -> overrides of model.router (and model.moe for `shared`).
-ROWS = {
-    "rmoe": {},
-    "smoe": {"name": "linear"},
-    "hyper": {"name": "hyper"},
-    "mlp": {"name": "mlp"},
-    "random": {"name": "random"},
-    "cosine": {"name": "cosine"},
-    "xmoe": {"name": "xmoe", "xmoe_dim": 16},
-    "np": {"no_recurrence": True},
-    "detach": {"detach": True},
-    "np_r0.5": {"no_recurrence": True, "residual_alpha": 0.5},
-    "np_r1.0": {"no_recurrence": True, "residual_alpha": 1.0},
-    "sproj_gru": {"shared_projector": True},
-    "rnn": {"cell": "rnn"},
-    "lstm": {"cell": "lstm"},
-    **{f"xmoe{q}": {"name": "xmoe", "xmoe_dim": q} for q in (8, 16, 32)},
-    **{f"xmoe{q}_gru": {"name": "recurrent", "head": "xmoe", "xmoe_dim": q} for q in (8, 16, 32)},
-    "shared": {"moe.shared_expert": True},
-}
+# The rows this file names, by their short names: each is a row of the one registry
+# (rmoe_jax/router_rows.py, shared with compare and bench); ROWS shows their router / moe fields.
+ROW_NAMES = ("rmoe", "smoe", "hyper", "mlp", "random", "cosine", "xmoe", "np", "detach", "np_r0.5",
+             "np_r1.0", "sproj_gru", "rnn", "lstm", "xmoe8", "xmoe16", "xmoe32", "xmoe8_gru",
+             "xmoe16_gru", "xmoe32_gru", "shared")
+ROWS = {row: {key.replace("model.router.", "").replace("model.", ""): value
+              for key, value in ROUTERS[resolve(row)].overrides.items()} for row in ROW_NAMES}
 
 
 def apply_row(config, row: str):
-    """Set the router fields of one paper row (see the module docstring)."""
-    if row not in ROWS:
-        raise ValueError(f"unknown row {row!r}; choose one of: {', '.join(ROWS)}")
-    for key, value in ROWS[row].items():
-        if key.startswith("moe."):
-            config.model.moe[key[len("moe."):]] = value
-        else:
-            config.model.router[key] = value
-    return config
+    """Set the fields of one paper row (a name above, or any name of the registry)."""
+    return router_rows.apply_row(config, row)
 
 
 def get_config(row: str | None = None):

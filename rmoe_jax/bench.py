@@ -58,7 +58,7 @@ def load_config(spec: str):
     return load_config_file(spec, "--config")
 
 
-def variant_config(base, *, router: str | None = None, dispatch: str | None = None,
+def variant_config(base, *, row: str | None = None, dispatch: str | None = None,
                    num_experts: int | None = None, batch_size: int, seq_len: int,
                    capacity_factor: float | None = None):
     config = base.copy_and_resolve_references() if hasattr(base, "copy_and_resolve_references") else base
@@ -67,8 +67,10 @@ def variant_config(base, *, router: str | None = None, dispatch: str | None = No
     config.model.max_seq_len = max(int(config.model.max_seq_len), seq_len)
     config.train.batch_size = batch_size
     config.train.grad_accum_steps = 1
-    if router is not None:
-        config.model.router.name = router
+    if row is not None:  # a paper row of the one registry (rmoe_jax/router_rows.py)
+        from rmoe_jax.router_rows import apply_row
+
+        apply_row(config, row)
     if dispatch is not None:
         config.model.moe.dispatch = dispatch
     if capacity_factor is not None:
@@ -397,7 +399,7 @@ def main(argv=None) -> str:
                                                    f"E={base_experts}, attention chunk "
                                                    f"{base.model.attention_chunk}"))
     if "smoe" in wanted:
-        add("smoe", lambda: jax_train_variant("smoe", variant_config(base, router="linear", **common),
+        add("smoe", lambda: jax_train_variant("smoe", variant_config(base, row="smoe", **common),
                                               note=f"linear router, {base_dispatch}, E={base_experts}"))
     cf = args.capacity_factor or None
     if "capacity" in wanted:
