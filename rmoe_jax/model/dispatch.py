@@ -1,9 +1,14 @@
 """Single-device dispatch of tokens to stacked SwiGLU experts: `capacity` and `dropless`.
 
 Experts are stacked arrays (`w1`, `w3`: `[E, d, f]`, `w2`: `[E, f, d]`); no per-expert loop.
-  capacity  GShard/Switch one-hot dispatch/combine einsums; each sequence is a group with
-            capacity C = ceil(k * seq * capacity_factor / E) slots per expert; slots are filled
-            top-1 choices first, then top-2, ... in token order; the rest are dropped.
+  capacity  each sequence is a group with capacity C = ceil(k * seq * capacity_factor / E)
+            slots per expert; slots are filled top-1 choices first, then top-2, ... in token
+            order; the rest are dropped. Sort-based (`capacity_dispatch`): the group's k*S
+            assignments are sorted by expert (stably, slot-major), an assignment's slot is its
+            rank in its expert's run, the rows of x are gathered into an `[E, G, C, d]` buffer,
+            the experts run on it densely and each (token, choice) gathers its row back. No
+            `[S, E, C]` one-hot tensors; `capacity_dispatch_einsum` (GShard one-hot
+            dispatch/combine einsums) is kept only as the reference the tests pin it to.
   dropless  sort the N*k (token, expert) assignments by expert, grouped matmuls
             (`grouped_matmul`: megablox on TPU, a tile loop on CPU, `ragged_dot` on GPU),
             unsort. Nothing is dropped.
@@ -24,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from rmoe_jax.parallel import constrain
 
 EXPERT_BUFFER_AXES = ("expert", "expert_group", None, None)  # [E, groups, capacity, d]
+GROUP_BUFFER_AXES = ("batch", None, None, None)  # [groups, E, capacity, d]: back on x's shards
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # w1 [E,d,f], w3 [E,d,f], w2 [E,f,d]
 
@@ -33,9 +39,86 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_fact
     return max(1, math.ceil(top_k * group_size * capacity_factor / num_experts))
 
 
+def _swiglu_experts(expert_in: jax.Array, experts: ExpertWeights) -> jax.Array:
+    """`[E, G, C, d]` -> `[E, G, C, d]`: expert e's SwiGLU on its slots, as dense batched matmuls."""
+    w1, w3, w2 = experts
+    hidden = nn.silu(jnp.einsum("egcd,edf->egcf", expert_in, w1)) * jnp.einsum(
+        "egcd,edf->egcf", expert_in, w3)
+    return checkpoint_name(jnp.einsum("egcf,efd->egcd", hidden, w2), "moe_expert_out")
+
+
+def capacity_slots(indices: jax.Array, num_experts: int, capacity: int):
+    """Where each assignment goes, by a sort instead of one-hot tensors.
+
+    indices `[G, S, k]`. Returns
+      position `[G, S, k]` int32: the assignment's slot in its expert (may be >= capacity),
+      kept `[G, S, k]` bool: position < capacity,
+      source `[G, E, C]` int32: the token (in 0..S-1) that fills slot c of expert e,
+      filled `[G, E, C]` bool: whether that slot is filled at all.
+    Slot-major priority: assignment a = j * S + s (choice j of token s); sorting the keys
+    e * k * S + a (unique) orders the assignments by expert, and within an expert by a, so
+    every first choice comes before any second choice, in token order.
+    """
+    num_groups, group_size, top_k = indices.shape
+    n = top_k * group_size
+    if num_experts * n >= 2**31:
+        raise ValueError(f"capacity dispatch: {num_experts} experts x {n} assignments per group "
+                         "overflow the int32 sort keys")
+    slot_major = indices.astype(jnp.int32).transpose(0, 2, 1).reshape(num_groups, n)
+    keys = jnp.sort(slot_major * n + jnp.arange(n, dtype=jnp.int32), axis=-1)  # [G, n]
+    order = keys % n  # order[i]: the slot-major assignment at sorted position i
+    sorted_expert = keys // n
+    # starts[e]: sorted position of expert e's first assignment; ends[e] = starts[e + 1].
+    bounds = jax.vmap(lambda sk: jnp.searchsorted(
+        sk, jnp.arange(num_experts + 1, dtype=jnp.int32) * n, side="left"))(keys).astype(jnp.int32)
+    starts, counts = bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]  # [G, E]
+    rank = jnp.arange(n, dtype=jnp.int32) - jnp.take_along_axis(starts, sorted_expert, axis=-1)
+    position = jax.vmap(lambda o, r: jnp.zeros((n,), jnp.int32).at[o].set(
+        r, unique_indices=True))(order, rank)
+    position = position.reshape(num_groups, top_k, group_size).transpose(0, 2, 1)
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    filled = slot < counts[..., None]  # [G, E, C]
+    sorted_index = jnp.minimum(starts[..., None] + slot, n - 1).reshape(num_groups, -1)
+    source = (jnp.take_along_axis(order, sorted_index, axis=-1) % group_size).reshape(filled.shape)
+    return position, position < capacity, source, filled
+
+
 def capacity_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
                       experts: ExpertWeights, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """One-hot dispatch/combine with a fixed capacity per expert and group.
+    """Fixed capacity per expert and group, by sort and gathers (`capacity_slots`).
+
+    Args: x `[G, S, d]` (G groups of S tokens), weights/indices `[G, S, k]`.
+    Returns: y `[G, S, d]`, kept `[G, S, k]` bool (False = dropped for lack of capacity).
+    y[g, s] = sum_j kept * weight * expert_out[e_j, g, position_j]; dropped assignments add 0.
+    Same outputs, kept mask and gradients as `capacity_dispatch_einsum`.
+    """
+    num_groups, group_size, top_k = indices.shape
+    num_experts = experts[0].shape[0]
+    position, kept, source, filled = capacity_slots(indices, num_experts, capacity)
+    # Dispatch: slot (e, c) of group g gathers its token's row (zeros in the unfilled slots).
+    # The gathers are batched over groups, so under a mesh they stay on the groups' shards.
+    rows = jax.vmap(lambda xg, src: jnp.take(xg, src, axis=0))(x, source.reshape(num_groups, -1))
+    rows = jnp.where(filled.reshape(num_groups, -1, 1), rows, jnp.zeros((), x.dtype))
+    expert_in = rows.reshape(num_groups, num_experts, capacity, -1).transpose(1, 0, 2, 3)
+    # Under a mesh these constraints move tokens to their experts' shards (an all-to-all) and back.
+    expert_in = constrain(expert_in, EXPERT_BUFFER_AXES)
+    expert_out = constrain(_swiglu_experts(expert_in, experts), EXPERT_BUFFER_AXES)
+    expert_out = constrain(expert_out.transpose(1, 0, 2, 3), GROUP_BUFFER_AXES)  # [G, E, C, d]
+    # Combine: each kept (token, choice) gathers its slot's row; dropped ones read a clamped
+    # slot and are zeroed by the where (whose backward gives that slot a zero gradient).
+    flat_slot = indices.astype(jnp.int32) * capacity + jnp.minimum(position, capacity - 1)
+    out_rows = jax.vmap(lambda out, fs: jnp.take(out, fs, axis=0))(
+        expert_out.reshape(num_groups, num_experts * capacity, -1),
+        flat_slot.reshape(num_groups, -1)).reshape(num_groups, group_size, top_k, -1)
+    out_rows = jnp.where(kept[..., None], out_rows, jnp.zeros((), out_rows.dtype))
+    return jnp.einsum("gskd,gsk->gsd", out_rows, weights.astype(out_rows.dtype)), kept
+
+
+def capacity_dispatch_einsum(x: jax.Array, weights: jax.Array, indices: jax.Array,
+                             experts: ExpertWeights, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """The GShard one-hot dispatch/combine version of `capacity_dispatch`: the reference the
+    tests pin the sort-based one to (outputs, gradients, kept mask). Not used by the model: its
+    `[G, S, E, C]` dispatch/combine einsums cost more than the experts at long sequences.
 
     Args: x `[G, S, d]` (G groups of S tokens), weights/indices `[G, S, k]`.
     Returns: y `[G, S, d]`, kept `[G, S, k]` bool (False = dropped for lack of capacity).
