@@ -37,6 +37,7 @@ from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
 STATE, DATA, CONFIG = "state", "data", "config"
 MANIFEST = "rmoe_manifest.json"
+CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoints: <workdir>/checkpoints/<step>/
 _CHUNK = 16 << 20  # bytes read at a time when checksumming (checkpoint files can be GBs)
 
 

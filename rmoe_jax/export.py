@@ -63,7 +63,6 @@ TOKENIZER_FILE = "tokenizer.model"  # SentencePiece
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "huggingface": HF_TOKENIZER_FILE}
-CHECKPOINT_DIR = "checkpoints"  # <workdir>/checkpoints, as rmoe_jax.train.loop writes it
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # Gate order of the fused cell kernels (PyTorch's weight_ih row blocks) -> export suffixes.
@@ -184,7 +183,7 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> WorkdirCheckpoint:
 
     from etils import epath
 
-    from rmoe_jax.checkpoint import CONFIG, STATE, verify_step
+    from rmoe_jax.checkpoint import CHECKPOINT_DIR, CONFIG, STATE, verify_step
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     directory = os.path.join(workdir, CHECKPOINT_DIR)

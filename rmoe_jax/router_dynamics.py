@@ -40,7 +40,7 @@ MEASURES = ("bpc", "gate_entropy", "inner_balance", "outer_balance", "logit_std"
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """Steps with a checkpoint folder (`<workdir>/checkpoints/<step>`), ascending."""
-    from rmoe_jax.export import CHECKPOINT_DIR
+    from rmoe_jax.checkpoint import CHECKPOINT_DIR
 
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory):

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from rmoe_jax.model.dispatch import grouped_swiglu
-
-BATCH_AXES = ("data", "fsdp", "expert")
+from rmoe_jax.parallel import BATCH_AXES
 EXCHANGE_OVERFLOW = ("rerun", "drop")
 
 

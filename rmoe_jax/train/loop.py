@@ -40,15 +40,13 @@ from etils import epath
 
 from rmoe_jax import config as config_lib
 from rmoe_jax import parallel
-from rmoe_jax.checkpoint import CheckpointError, Checkpointer
+from rmoe_jax.checkpoint import CHECKPOINT_DIR, CheckpointError, Checkpointer
 from rmoe_jax.train import state as state_lib
 from rmoe_jax.train.metrics import MetricsWriter
 from rmoe_jax.train.optim import count_frozen, make_optimizer
 from rmoe_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 from rmoe_jax.train.step import finish_eval, make_eval_step, make_train_step
 
-DEFAULT_CACHE_DIR = "~/.cache/rmoe_jax/jax_cache"
-CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"  # damaged steps are moved here (kept for inspection)
 SUPERSEDED_DIR = "checkpoints_superseded"  # steps after an explicit train.resume_step
 
@@ -273,7 +271,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemption, mesh, rules) -> dict:
     train_cfg, data_cfg = config.train, config.data
-    setup_compilation_cache(train_cfg.get("compilation_cache_dir", DEFAULT_CACHE_DIR))
+    setup_compilation_cache(train_cfg.get("compilation_cache_dir",
+                                          config_lib.train_config().compilation_cache_dir))
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
