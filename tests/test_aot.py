@@ -161,3 +161,19 @@ def test_tiny_train_step_compiles_for_tpu(topology, dispatch):
     assert "the train step does not fit a test chip" in aot.fit_problem(report, half_chip)
     if dispatch == "dropless":  # the grouped matmul is the Pallas megablox kernel on TPU
         assert "tpu_custom_call" in compiled.as_text()
+
+
+@needs_libtpu
+def test_splash_attention_in_the_tpu_train_step():
+    """Where its shapes fit (seq a multiple of 128), attention on TPU is the Pallas splash
+    kernel: forward (with residuals) and both backward kernels are Mosaic custom calls."""
+    from rmoe_jax import parallel
+
+    config = small_config("capacity", **{"model.d_model": 128, "model.max_seq_len": 128,
+                                         "data.seq_len": 128})  # 2 heads of 64, one 128-block
+    mesh = parallel.make_mesh(config.mesh, topology_devices("v5p:2x2x1"))
+    text = aot._compile_one(config, mesh, "train").as_text()
+    assert "tpu_custom_call" in text  # capacity dispatch: no megablox gmm, so only splash's
+    for kernel in ("splash_mha_fwd_residuals", "splash_mha_dq_no_residuals",
+                   "splash_mha_dkv_no_residuals"):
+        assert kernel in text
