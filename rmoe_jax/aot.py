@@ -326,11 +326,13 @@ def format_reports(reports: list[StepReport], *, devices: int, device_kind: str,
 
     Times per step: `compute` = compiled FLOPs / peak, `model compute` = the analytic model
     FLOPs / peak (train only), `memory` = compiled bytes / HBM bandwidth. The roofline is
-    max(compute, memory) and `bound` says which term sets it. `MFU bound` = model compute /
-    roofline (the compiled program as XLA counts it); `MFU bound, model FLOPs` = model compute /
-    max(model compute, memory): the same bytes, but only the model's FLOPs, as MaxText counts
-    MFU (it differs where a kernel's cost estimate overcounts, e.g. megablox `gmm` counting its
-    whole static buffer, or where remat recomputes the forward).
+    max(compute, model compute, memory): the model's FLOPs count too because some kernels carry
+    no cost estimate (XLA counts ~nothing for the Pallas splash attention), so the compiled
+    count alone could undercount; `bound` says which term sets it. `MFU bound` = model compute
+    / roofline; `MFU bound, model FLOPs` = model compute / max(model compute, memory): only the
+    model's FLOPs, as MaxText counts MFU (it differs where the compiled count is larger: a
+    kernel's estimate counting its whole static buffer, as megablox `gmm` does, or remat's
+    recomputed forward).
     """
     gib = 2**30
     lines = [f"{devices} x {device_kind}" + (f" ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
@@ -350,12 +352,13 @@ def format_reports(reports: list[StepReport], *, devices: int, device_kind: str,
         if chip is not None and loop_costs:
             compute = r.flops / chip.peak_flops
             memory = r.bytes_accessed / chip.hbm_bandwidth
-            seconds = roofline_seconds(r.flops, r.bytes_accessed, chip)
+            model = model_flops_per_step / devices / chip.peak_flops if train else 0.0
+            seconds = max(roofline_seconds(r.flops, r.bytes_accessed, chip), model)
             cells[0], cells[2], cells[3] = f"{compute:.4g}", f"{memory:.4g}", f"{seconds:.4g}"
-            cells[4] = "memory" if memory >= compute else "compute"
+            cells[4] = ("memory" if memory >= max(compute, model) else
+                        "compute" if compute >= model else "model compute")
             cells[5] = f"{tokens_step / seconds:,.0f}"
             if train:
-                model = model_flops_per_step / devices / chip.peak_flops
                 cells[1] = f"{model:.4g}"
                 cells[6] = f"{model / seconds:.0%}"
                 cells[7] = f"{model / max(model, memory):.0%}"

@@ -14,7 +14,7 @@ CELL_NAMES = ("gru", "rnn", "lstm")
 RECURRENT_HEADS = ("linear", "cosine", "xmoe")
 DISPATCH_NAMES = ("capacity", "dropless")
 BALANCE_AGGREGATIONS = ("sum", "mean", "concat")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe", "save_moe_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTER_INITS = ("normal", "torch")
 

@@ -63,6 +63,12 @@ def test_roofline_against_hand_computation():
     row = aot.format_reports([memory_bound], devices=8, device_kind="TPU v5", chip=chip,
                              tokens_per_step=1_000_000, model_flops_per_step=2.9376e15).splitlines()[-1]
     assert "| 2 | 0.8 | 2 | 2 | memory | 500,000 | 40% | 40% |" in row
+    # A compiled count below the model's (a kernel without a cost estimate): 1e14 FLOPs = 0.2179 s,
+    # the model's 0.8 s sets the roofline.
+    undercounted = aot.dataclasses.replace(report, flops=1e14)
+    row = aot.format_reports([undercounted], devices=8, device_kind="TPU v5", chip=chip,
+                             tokens_per_step=1_000_000, model_flops_per_step=2.9376e15).splitlines()[-1]
+    assert "| 0.2179 | 0.8 | 0.3617 | 0.8 | model compute | 1,250,000 | 100% | 100% |" in row
 
 
 def test_fit_problem_names_buffer_and_excess():

@@ -22,18 +22,25 @@ import jax.numpy as jnp
 import ml_collections
 
 from rmoe_jax.model import gating
-from rmoe_jax.model.attention_core import causal_attention
+from rmoe_jax.model.attention_core import SPLASH_RESIDUALS, causal_attention
 from rmoe_jax.model.moe import MoEBlock
 from rmoe_jax.model.routers import SharedRouterParams, router_state_size
 from rmoe_jax.parallel import constrain
 
 ACTIVATION_AXES = ("batch", None, None)  # [batch, seq, d_model]
 
+_SAVE_SPLASH = jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS)
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+    # Matmul outputs; on TPU also the splash kernel's output and logsumexp (a Pallas call is
+    # not a dot, so without its name the backward would rerun the attention forward).
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _SAVE_SPLASH),
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_moe": jax.checkpoint_policies.save_only_these_names("moe_expert_out", "router_logits"),
+    # save_moe plus the splash residuals (TPU): recompute everything but attention and experts.
+    "save_moe_attention": jax.checkpoint_policies.save_only_these_names(
+        "moe_expert_out", "router_logits", SPLASH_RESIDUALS),
 }
 
 
