@@ -253,6 +253,25 @@ def test_megablox_branch_matches_per_group_loop_and_cpu_path(megablox_interpret,
     np.testing.assert_allclose(tpu_lhs_grad[:used], cpu_lhs_grad[:used], rtol=1e-5, atol=1e-4)
 
 
+def test_megablox_wide_tiles_with_ragged_k_and_n(megablox_interpret):
+    """k = 256, n = 384: 512-row tiles, one 256-wide k tile and 256 + 128 n tiles (the
+    backward swaps them); the 0.91B expert shapes (1280 x 448) tile the same way."""
+    from rmoe_jax.model.dispatch import gmm_tiling
+
+    assert gmm_tiling(256, 384) == (512, 256, 256)
+    assert gmm_tiling(1280, 448) == (512, 384, 384) and gmm_tiling(64, 256) == (128, 64, 128)
+    rng = np.random.default_rng(3)
+    group_sizes = [300, 0, 250, 40]
+    lhs = rng.normal(size=(600, 256)).astype(np.float32)
+    rhs = rng.normal(size=(4, 256, 384)).astype(np.float32)
+    probe = rng.normal(size=(600, 384)).astype(np.float32)
+    want = numpy_grouped_matmul(lhs, rhs, group_sizes, probe)
+    got = output_and_grads(megablox_interpret, lhs, rhs, jnp.asarray(group_sizes, jnp.int32), probe)
+    used = sum(group_sizes)
+    for g, w in zip((got[0][:used], got[1][:used], got[2]), (want[0][:used], want[1][:used], want[2])):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-3)
+
+
 def test_megablox_branch_gives_padding_rows_zero_gradient(megablox_interpret):
     rows, group_sizes = 256, [100, 0, 57, 60]  # rows 217.. belong to no group
     lhs, rhs, probe = _megablox_problem(rows, group_sizes)

@@ -145,7 +145,26 @@ def capacity_dispatch_einsum(x: jax.Array, weights: jax.Array, indices: jax.Arra
     return jnp.einsum("gsec,egcd->gsd", combine, expert_out), kept
 
 
-GMM_TILE = 128  # megablox row tile; rows are padded up to a multiple of it
+GMM_TILE = 128  # megablox tile for dims under 128 (and the unit of the wider tiles)
+
+
+GMM_ROW_TILE = 512  # rows per tile once both matmul dims reach 128 (MaxText's default tm too)
+
+
+def gmm_tiling(k: int, n: int) -> tuple[int, int, int]:
+    """megablox tiling (tm, tk, tn) for lhs `[m, k]` x rhs `[k, n]`.
+
+    gmm re-reads an expert's weight tile for every row tile and the lhs for every column tile
+    (its cost estimate counts exactly that), so tiles of 128 x 128 x 128 make the weights the
+    bulk of the HBM traffic: 512-row tiles and one k/n tile as wide as both dims allow (a
+    multiple of 128, at most 512; the backward uses the same tiling with k and n swapped)
+    read them 4x less. Dims under 128 keep the 128-tile rule (min(128, dim) each).
+    """
+    smallest = min(k, n)
+    if smallest < GMM_TILE:
+        return GMM_TILE, min(GMM_TILE, k), min(GMM_TILE, n)
+    width = min(GMM_ROW_TILE, smallest // GMM_TILE * GMM_TILE)
+    return GMM_ROW_TILE, width, width
 
 
 def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -158,9 +177,9 @@ def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> 
     # output gives those rows a zero gradient (the where's backward zeroes them).
     in_a_group = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
     lhs = jnp.where(in_a_group, lhs, jnp.zeros((), lhs.dtype))
-    padded = -(-rows // GMM_TILE) * GMM_TILE  # gmm needs rows divisible by the row tile
+    tiling = gmm_tiling(lhs.shape[1], rhs.shape[2])
+    padded = -(-rows // tiling[0]) * tiling[0]  # gmm needs rows divisible by the row tile
     lhs = jnp.pad(lhs, ((0, padded - rows), (0, 0)))
-    tiling = (GMM_TILE, min(GMM_TILE, lhs.shape[1]), min(GMM_TILE, rhs.shape[2]))
     out = gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype, tiling=tiling)[:rows]
     return jnp.where(in_a_group, out, jnp.zeros((), out.dtype))
 
