@@ -42,11 +42,12 @@ _LOOP_COSTS = flags.DEFINE_bool(
     "unrolled compiles, see scaled_costs); off: XLA's numbers for the real step (loops once).")
 
 WORST_CASE_BUFFERS_NOTE = (
-    "Note: dropless expert parallelism sends and receives worst-case buffers (every shard can "
-    "receive all of a device's rows: expert x rows per device), and the compiled FLOPs/bytes "
+    "Note: dropless expert parallelism sends fixed-size blocks, by default the exact worst case "
+    "(n x min(k, E / expert) rows per shard for n local tokens), and the compiled FLOPs/bytes "
     "count them whole (megablox gmm's cost estimate is 2*m*k*n for the static m, though its "
     "grid visits only the filled tiles); 'model TFLOPs/chip' is what the math needs. "
-    "--config.model.moe.dispatch=capacity bounds the buffers by the capacity factor.")
+    "--config.model.moe.exchange_factor=1.25 sizes the blocks at 1.25x the balanced share "
+    "(an overflowing step is re-run with worst-case blocks).")
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
