@@ -294,38 +294,29 @@ def record_routing(model, params, batches: Iterable[Mapping[str, np.ndarray]], *
     }
 
 
-def router_param_subtree(params: Mapping) -> dict:
-    """The router params: `{'layers': params['layers']['moe']['router'], 'shared':
-    params['router_shared']}` (missing parts omitted)."""
-    out = {}
-    router = params.get("layers", {}).get("moe", {}).get("router")
-    if router is not None:
-        out["layers"] = router
-    if "router_shared" in params:
-        out["shared"] = params["router_shared"]
-    return out
-
-
-def _trainable(tree):
-    """Drop frozen leaves (names starting with 'frozen')."""
+def trainable_router_leaves(grads: Mapping) -> dict[str, Any]:
+    """The leaves of a params-shaped tree (e.g. gradients) at the router's trainable params, as
+    `rmoe_jax.param_table` marks them (group 'router', not frozen), by '/'-joined path."""
     import jax
 
-    from rmoe_jax.model import frozen_mask
+    from rmoe_jax import param_table
 
-    mask = frozen_mask(tree)
-    return [leaf for leaf, frozen in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(mask))
-            if not frozen]
+    return {name: leaf for name, leaf in
+            ((param_table.path_string(path), leaf)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0])
+            if param_table.lookup(name).group == "router" and not param_table.lookup(name).frozen}
 
 
 def _global_norm(leaves) -> float:
     return float(math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in leaves)))
 
 
-def _per_layer_norm(tree) -> list[float]:
-    leaves = _trainable(tree)
-    if not leaves:
+def _per_layer_norm(leaves: Mapping[str, Any]) -> list[float]:
+    """Norm per layer over the stacked (per-layer) leaves; [] when there are none."""
+    stacked = [x for name, x in leaves.items() if name.startswith("layers/")]
+    if not stacked:
         return []
-    sq = sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(x.shape[0], -1), axis=1) for x in leaves)
+    sq = sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(x.shape[0], -1), axis=1) for x in stacked)
     return np.sqrt(sq).tolist()
 
 
@@ -350,18 +341,18 @@ def router_grad_norms(model, params, batch: Mapping[str, np.ndarray], *, balance
         # one forward, two backward passes (one compile)
         _, vjp = jax.vjp(losses, p)
         one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-        return (router_param_subtree(vjp((one, zero))[0]),
-                router_param_subtree(vjp((zero, one))[0]))
+        return (trainable_router_leaves(vjp((one, zero))[0]),
+                trainable_router_leaves(vjp((zero, one))[0]))
 
     batch = {k: np.asarray(batch[k]) for k in ("inputs", "targets", "weights")}
     r_lm, r_bal = jax.device_get(jax.jit(both)(params, jnp.float32(balance_coef), batch))
-    lm, bal = _global_norm(_trainable(r_lm)), _global_norm(_trainable(r_bal))
+    lm, bal = _global_norm(list(r_lm.values())), _global_norm(list(r_bal.values()))
     return {
         "lm": lm,
         "balance": bal,
         "ratio": bal / lm if lm > 0 else float("nan"),
-        "lm_per_layer": _per_layer_norm(r_lm.get("layers", {})),
-        "balance_per_layer": _per_layer_norm(r_bal.get("layers", {})),
+        "lm_per_layer": _per_layer_norm(r_lm),
+        "balance_per_layer": _per_layer_norm(r_bal),
         "balance_coef": balance_coef,
     }
 
@@ -372,11 +363,11 @@ def load_trained(workdir: str, step: int | None = None):
     """(config, model, params, step) of a training workdir's checkpoint (latest by default).
 
     Params only (no optimizer state), read-only (safe on a run still training), through
-    `rmoe_jax.export.load_workdir`.
+    `rmoe_jax.checkpoint.load_workdir`.
     """
     import jax
 
-    from rmoe_jax.export import load_workdir
+    from rmoe_jax.checkpoint import load_workdir
     from rmoe_jax.model import build_model
 
     loaded = load_workdir(workdir, step)

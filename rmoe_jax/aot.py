@@ -126,29 +126,6 @@ def chip_for(device_kind: str) -> Chip | None:
     return None
 
 
-def _build(config, mesh, *, identity_optimizer: bool = False):
-    """Model, optimizer, abstract sharded state and shardings of `config` on `mesh`."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from rmoe_jax import parallel
-    from rmoe_jax.model import build_model, decay_mask, frozen_mask
-    from rmoe_jax.train import state as state_lib
-    from rmoe_jax.train.optim import make_optimizer
-
-    rules = parallel.rules_from_config(config.mesh)
-    model = build_model(config.model)
-    seq_len = int(config.data.seq_len)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-    frozen = frozen_mask(params["params"])
-    tx = (optax.identity() if identity_optimizer else
-          make_optimizer(config.train, frozen_mask=frozen, decay_mask=decay_mask(params["params"])))
-    abstract, _ = state_lib.abstract_and_init(model, tx, seq_len=seq_len, seed=0)
-    state_sh = state_lib.state_shardings(mesh, abstract, rules)
-    return model, tx, frozen, state_lib.with_shardings(abstract, state_sh), state_sh
-
-
 def _compile_one(config, mesh, name: str, *, identity_optimizer: bool = False):
     """Lower and compile one step ('train', 'eval' or 'decode') of `config` with abstract inputs."""
     logging.info("compiling the %s step: %d layers (unroll %d), batch %d, %d micro-batches%s", name,
@@ -156,36 +133,21 @@ def _compile_one(config, mesh, name: str, *, identity_optimizer: bool = False):
                  config.train.grad_accum_steps, ", identity optimizer" if identity_optimizer else "")
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
     from rmoe_jax import parallel
-    from rmoe_jax.train.step import make_eval_step, make_train_step
+    from rmoe_jax.train.experiment import build_experiment
 
-    rules = parallel.rules_from_config(config.mesh)
-    seq_len = int(config.data.seq_len)
-    batch_sh = parallel.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def abstract_batch(batch_size: int) -> dict:
-        shape = (int(batch_size), seq_len)
-        return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
-                "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
-                "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)}
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        model, tx, frozen, state, state_sh = _build(config, mesh, identity_optimizer=identity_optimizer)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh)):
+        experiment = build_experiment(config, mesh, seed=0, identity_optimizer=identity_optimizer)
+        state = experiment.restore_target
         if name == "train":
-            step = jax.jit(make_train_step(model, tx, config.train, frozen_mask=frozen),
-                           in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                           donate_argnums=0)
-            return step.lower(state, abstract_batch(config.train.batch_size)).compile()
+            return experiment.train_step().lower(
+                state, experiment.abstract_batch(config.train.batch_size)).compile()
         if name == "eval":
-            step = jax.jit(make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
-                           out_shardings=replicated)
-            batch = abstract_batch(config.train.eval_batch_size or config.train.batch_size)
-            return step.lower(state.params, batch).compile()
+            batch = experiment.abstract_batch(config.train.eval_batch_size or config.train.batch_size)
+            return experiment.eval_step().lower(state.params, batch).compile()
         if name == "decode":
-            return _compile_decode(config, mesh, state.params, state_sh.params)
+            return _compile_decode(config, mesh, state.params, experiment.state_shardings.params)
     raise ValueError(f"unknown step {name!r}: choose train, eval or decode")
 
 

@@ -43,7 +43,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -139,24 +139,23 @@ class Variant:
 def jax_train_variant(name: str, config, *, seed: int = 0, note: str = "") -> Variant:
     import jax
     import jax.numpy as jnp
+    import ml_collections
 
+    from rmoe_jax import parallel
     from rmoe_jax.aot import report_from_compiled
-    from rmoe_jax.model import build_model, decay_mask, frozen_mask
-    from rmoe_jax.train import state as state_lib
-    from rmoe_jax.train.optim import make_optimizer
-    from rmoe_jax.train.step import make_train_step
+    from rmoe_jax.train.experiment import build_experiment
 
-    model = build_model(config.model)
     seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-    frozen = frozen_mask(params_shape["params"])
-    tx = make_optimizer(config.train, frozen_mask=frozen, decay_mask=decay_mask(params_shape["params"]))
-    state = state_lib.create_train_state(model, tx, seq_len=seq_len, seed=seed)
+    # One device, as the peer runs: a 1x1x1x1 mesh over the first device.
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({a: 1 for a in parallel.MESH_AXES}),
+                              jax.devices()[:1])
+    experiment = build_experiment(config, mesh, seed=seed)
+    state = experiment.init_state()
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, config.model.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
     batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
              "weights": jnp.ones((batch_size, seq_len), jnp.float32)}
-    step = jax.jit(make_train_step(model, tx, config.train, frozen_mask=frozen), donate_argnums=0)
+    step = experiment.train_step()
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

@@ -19,6 +19,11 @@ after each save has finished). `verify_step` re-reads every file and compares: r
 a truncated file, a garbled JSON or a missing file are reported by step and file. A step
 without a manifest (written by an older version, or killed in the instant between finalizing
 and writing the manifest) is complete by Orbax's rename but unverified.
+
+Reading a workdir (`load_workdir`: export, evaluate, generate, analyses): the params of one
+step (no optimizer state) as numpy arrays, with its config, through a read-only manager that
+never creates, cleans up or deletes anything (a live training run may be writing the next
+step), after `verify_step` and a check of the param tree against the config and for NaN/inf.
 """
 
 from __future__ import annotations
@@ -26,14 +31,21 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import zlib
 from typing import Any, Callable, List, Optional
 
 import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.handlers import async_checkpoint_handler
+
+from rmoe_jax.config_json import ConfigJSONError, full_config_from_dict
+from rmoe_jax.model import abstract_params
 
 STATE, DATA, CONFIG = "state", "data", "config"
 MANIFEST = "rmoe_manifest.json"
@@ -160,6 +172,11 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def _config_handler() -> ocp.JsonCheckpointHandler:
+    """The handler of the CONFIG item (its `config.json`), for writing and for reading."""
+    return ocp.JsonCheckpointHandler(filename="config.json")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: damaged, missing, or not the requested one."""
 
@@ -186,7 +203,7 @@ class Checkpointer:
         registry.add(STATE, ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
         registry.add(DATA, DataStateSave, DataStateHandler())
         registry.add(DATA, DataStateRestore, DataStateHandler())
-        json_handler = ocp.JsonCheckpointHandler(filename="config.json")
+        json_handler = _config_handler()
         registry.add(CONFIG, ocp.args.JsonSave, json_handler)
         registry.add(CONFIG, ocp.args.JsonRestore, json_handler)
         options = ocp.CheckpointManagerOptions(
@@ -324,3 +341,114 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -- reading a training workdir (read-only) -------------------------------------------------------
+
+class DamagedCheckpointError(FileNotFoundError):
+    """A checkpoint whose files fail their checksums or hold non-finite values."""
+
+
+@dataclasses.dataclass
+class WorkdirCheckpoint:
+    config: ml_collections.ConfigDict  # the full experiment config saved with the step
+    params: Any  # numpy arrays, the model's param tree
+    step: int
+    workdir: str
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+    return {tuple(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_tree(params, abstract, where: str) -> None:
+    got, want = _flat(params), _flat(abstract)
+    problems = [f"{'/'.join(p)}: missing" for p in sorted(set(want) - set(got))]
+    problems += [f"{'/'.join(p)}: unexpected" for p in sorted(set(got) - set(want))]
+    problems += [f"{'/'.join(p)}: shape {tuple(np.shape(got[p]))}, the config gives "
+                 f"{tuple(want[p].shape)}" for p in sorted(set(got) & set(want))
+                 if tuple(np.shape(got[p])) != tuple(want[p].shape)]
+    if problems:
+        raise ConfigJSONError(f"{where} does not match its model config:\n  "
+                              + "\n  ".join(problems))
+
+
+def _non_finite(tensors: dict[str, Any]) -> list[str]:
+    """'name (count of size values)' for every floating tensor holding NaN or inf."""
+    bad = []
+    for name, tensor in tensors.items():
+        array = np.asarray(tensor)
+        if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16:
+            count = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if count:
+                bad.append(f"{name} ({count:,} of {array.size:,} values)")
+    return bad
+
+
+def _checkpoint_manager(directory: str):
+    """A read-only Orbax manager over `<workdir>/checkpoints`.
+
+    Read-only on purpose: `Checkpointer` creates the directory and cleans up unfinished
+    (temporary) step directories when it opens one, which would delete the save in progress of
+    a run that is still training. The item names and the config handler are `Checkpointer`'s;
+    the state is read as a plain pytree (only the params of it, as numpy arrays).
+    """
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(STATE, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+    registry.add(CONFIG, ocp.args.JsonRestore, _config_handler())
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           cleanup_tmp_directories=False)
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+def load_workdir(workdir: str, step: Optional[int] = None) -> WorkdirCheckpoint:
+    """The model params (only: no optimizer state) and config of a training workdir.
+
+    `step=None` takes the latest complete checkpoint. Params come back as numpy arrays.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} not found: --workdir must be a training workdir "
+                                "(the folder given to train.py --workdir)")
+    manager = _checkpoint_manager(directory)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; complete "
+                                    f"steps: {', '.join(map(str, steps))}")
+        problems = verify_step(epath.Path(directory) / str(step))
+        if problems:  # never read a checkpoint whose files changed since they were saved
+            raise DamagedCheckpointError(
+                f"the checkpoint at step {step} in {directory} is damaged: " + "; ".join(problems)
+                + f". Complete steps: {', '.join(map(str, steps))}; pick another with --step")
+        saved = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+        config = full_config_from_dict(saved[CONFIG])
+        target = {"params": abstract_params(config.model)}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                          partial_restore=True)}))
+    finally:
+        manager.close()
+    params = restored[STATE]["params"]
+    _check_tree(params, target["params"], f"checkpoint {directory}/{step}")
+    bad = _non_finite({"/".join(path): x for path, x in _flat(params).items()})
+    if bad:
+        raise DamagedCheckpointError(
+            f"the checkpoint at step {step} in {directory} holds non-finite values (NaN or inf) "
+            f"in {len(bad)} tensor{'s' if len(bad) > 1 else ''}: {', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}")
+    return WorkdirCheckpoint(config=config, params=params, step=int(step), workdir=workdir)
+
+
+def _quiet_logs() -> None:
+    """Orbax logs every restore (and that our read-only manager skips items) at WARNING."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)

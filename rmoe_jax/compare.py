@@ -88,21 +88,11 @@ def evaluate_params(config, model, params, split: str, batches: int) -> dict:
     import jax
 
     from rmoe_jax.analysis import eval_batches
-    from rmoe_jax.train.step import finish_eval, make_eval_step
+    from rmoe_jax.train.step import eval_sums, finish_eval, make_eval_step
 
-    step = jax.jit(make_eval_step(model))
-    size = config.train.get("eval_batch_size", 0) or config.train.batch_size
-    totals = None
-    for batch in eval_batches(config, split, batches):
-        n = batch["inputs"].shape[0]
-        if n < size:  # pad the last batch with weight-0 rows: one compiled shape
-            batch = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
-                     for k, v in batch.items()}
-        out = jax.device_get(step(params, batch))
-        totals = out if totals is None else {k: totals[k] + np.float64(out[k]) for k in totals}
-    if totals is None:
-        raise ValueError(f"split {split!r} gave no eval batches")
-    return finish_eval(totals, byte_level=config.data.tokenizer == "byte")
+    # eval_batches pads the last batch with weight-0 rows: one compiled shape.
+    sums = eval_sums(jax.jit(make_eval_step(model)), params, eval_batches(config, split, batches))
+    return finish_eval(sums, byte_level=config.data.tokenizer == "byte")
 
 
 def train_and_evaluate(config, workdir: str, *, eval_batches: int, test_split: str,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rmoe_jax import checkpoint as checkpoint_lib
 from rmoe_jax import export as export_lib
 
 
@@ -45,22 +46,13 @@ def evaluate_batches(model_config: ml_collections.ConfigDict, params, batches: I
     Returns loss (nats per target token), tokens (real targets counted), ce_sum (nats),
     batches, aux_loss, and bits_per_byte (byte_level) or perplexity.
     """
-    from rmoe_jax.train.step import finish_eval
+    from rmoe_jax.train.step import eval_sums, finish_eval
 
     eval_fn = eval_fn or make_eval_fn(model_config)
-    params = jax.device_put(params)
-    ce_sum, weight_sum, aux_sum, count = 0.0, 0.0, 0.0, 0
-    for batch in batches:
-        out = jax.device_get(eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}))
-        ce_sum += float(out["ce_sum"])
-        weight_sum += float(out["weight_sum"])
-        aux_sum += float(out["aux_loss_sum"])
-        count += 1
-    if count == 0:
-        raise ValueError("no eval batches: the split is empty")
-    result = finish_eval({"ce_sum": ce_sum, "weight_sum": weight_sum, "aux_loss_sum": aux_sum,
-                          "batches": count}, byte_level=byte_level)
-    result.update(ce_sum=ce_sum, batches=count)
+    sums = eval_sums(eval_fn, jax.device_put(params),
+                    ({k: jnp.asarray(v) for k, v in batch.items()} for batch in batches))
+    result = finish_eval(sums, byte_level=byte_level)
+    result.update(ce_sum=float(sums["ce_sum"]), batches=int(sums["batches"]))
     return result
 
 
@@ -100,7 +92,7 @@ def load_model(workdir: Optional[str] = None, export: Optional[str] = None,
     if (workdir is None) == (export is None):
         raise ValueError("give exactly one of --workdir and --export")
     if workdir is not None:
-        ckpt = export_lib.load_workdir(workdir, step)
+        ckpt = checkpoint_lib.load_workdir(workdir, step)
         train = ckpt.config.train
         return LoadedModel(ckpt.config.model, ckpt.params, ckpt.config.data,
                            int(train.eval_batch_size or train.batch_size),
@@ -134,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="evaluate only the first N batches (default 0: the whole split)")
     parser.add_argument("--output", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
-    export_lib._quiet_logs()
+    checkpoint_lib._quiet_logs()
     from rmoe_jax.config import ConfigError
     from rmoe_jax.data.errors import DataNotPreparedError
 

@@ -181,13 +181,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="override the run's data.data_dir (where its SentencePiece model is)")
     args = parser.parse_args(argv)
 
-    from rmoe_jax import export as export_lib
+    from rmoe_jax.checkpoint import _quiet_logs
     from rmoe_jax.config import ConfigError
     from rmoe_jax.data import make_tokenizer
     from rmoe_jax.data.errors import DataNotPreparedError
     from rmoe_jax.evaluate import load_model
 
-    export_lib._quiet_logs()
+    _quiet_logs()
     try:
         if args.num_samples <= 0:
             raise ValueError(f"--num_samples must be > 0, got {args.num_samples}")

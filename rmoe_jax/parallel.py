@@ -1,7 +1,7 @@
 """Mesh, logical-axis rules, and the shardings of params, train state and batch.
 
-Every parameter has logical axis names (`param_logical_axes`, declared here by parameter path so
-the param tree stays plain arrays); key activations are constrained with `constrain`. Rules in
+Every parameter has logical axis names (`param_logical_axes`, read from the parameter table
+`rmoe_jax.param_table`, so the param tree stays plain arrays); key activations are constrained with `constrain`. Rules in
 the config (`mesh.rules`) map logical names to the mesh axes `data`, `fsdp`, `expert`, `tensor`.
 Defaults: experts over `expert` (FFN dim over `tensor`), other weights over `fsdp`, the batch
 over `data`, `fsdp` and `expert`, router parameters replicated.
@@ -10,7 +10,6 @@ over `data`, `fsdp` and `expert`, router parameters replicated.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -18,6 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rmoe_jax import param_table
+from rmoe_jax.param_table import path_string
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -39,24 +41,6 @@ DEFAULT_RULES = (
     ("router_out", None),
     ("layers", None),
 )
-
-# (path pattern, logical axes) -- first match wins; paths are '/'-joined param names without
-# the leading 'layers/' (the scan's stacking axis is prepended as 'layers').
-PARAM_AXES = (
-    (r"^embed/embedding$", ("vocab", "embed")),
-    (r"^lm_head/kernel$", ("embed", "vocab")),
-    (r"(^|/)scale$", ("norm",)),
-    (r"^attention/query/kernel$", ("embed", "heads", "head_dim")),
-    (r"^attention/(key|value)/kernel$", ("embed", "kv_heads", "head_dim")),
-    (r"^attention/out/kernel$", ("heads", "head_dim", "embed")),
-    (r"^moe/(w1|w3)$", ("expert", "expert_embed", "expert_mlp")),
-    (r"^moe/w2$", ("expert", "expert_mlp", "expert_embed")),
-    (r"^moe/shared_expert/(w1|w3)/kernel$", ("embed", "mlp")),
-    (r"^moe/shared_expert/w2/kernel$", ("mlp", "embed")),
-    (r"^(moe/router|router_shared)(/|$)", None),  # router parameters: see ROUTER_AXES
-)
-ROUTER_AXES = {0: (), 1: ("router_out",), 2: ("router_in", "router_out")}
-
 
 def parse_rules(text: str) -> dict[str, Any]:
     """`mesh.rules` overrides, 'embed=fsdp+expert,mlp=none' -> {'embed': ('fsdp', 'expert'),
@@ -128,27 +112,10 @@ def fit_problems(mesh: Mesh, *, num_experts: int, global_batch: int,
     return problems
 
 
-def _path_string(path) -> str:
-    return "/".join(str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path)
-
-
 def param_logical_axes(params: Any) -> Any:
-    """Pytree of logical-axis tuples, one per param (layers' leading axis named 'layers')."""
-
-    def axes(path, leaf):
-        name = _path_string(path)
-        stacked = name.startswith("layers/")
-        name = name[len("layers/"):] if stacked else name
-        for pattern, names in PARAM_AXES:
-            if re.search(pattern, name):
-                rank = len(leaf.shape) - int(stacked)
-                names = ROUTER_AXES[rank] if names is None else names
-                if len(names) != rank:
-                    raise ValueError(f"param {name}: rank {rank} does not match axes {names}")
-                return (("layers",) if stacked else ()) + tuple(names)
-        raise ValueError(f"param {name} has no logical axes: add it to PARAM_AXES")
-
-    return jax.tree_util.tree_map_with_path(axes, params)
+    """Pytree of logical-axis tuples, one per param (layers' leading axis named 'layers'), as
+    `rmoe_jax.param_table` gives them."""
+    return param_table.logical_axes(params)
 
 
 def param_specs(params: Any, rules: tuple) -> Any:
@@ -162,11 +129,11 @@ def _tree_specs_like(tree: Any, params: Any, specs: Any) -> Any:
     a leaf whose path ends with a param's path takes that param's spec; others replicate."""
     by_path = {}
     jax.tree_util.tree_map_with_path(
-        lambda path, spec: by_path.setdefault(_path_string(path), spec), specs,
+        lambda path, spec: by_path.setdefault(path_string(path), spec), specs,
         is_leaf=lambda x: isinstance(x, P))
 
     def spec_for(path, leaf):
-        name = _path_string(path)
+        name = path_string(path)
         parts = name.split("/")
         for start in range(len(parts)):
             spec = by_path.get("/".join(parts[start:]))

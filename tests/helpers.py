@@ -31,7 +31,7 @@ def small_model(router: str = "recurrent", **overrides):
 def random_params(cfg, seed=0, scale=0.3):
     """Random values for every param of `cfg`'s model (norm scales around 1), so that nothing
     (a transposition, a dropped tensor) can hide behind an initialiser's zeros or ones."""
-    from rmoe_jax import export
+    from rmoe_jax.checkpoint import abstract_params
 
     rng = np.random.default_rng(seed)
 
@@ -41,14 +41,14 @@ def random_params(cfg, seed=0, scale=0.3):
             x = 1.0 + x
         return jnp.asarray(x.astype(leaf.dtype))
 
-    return jax.tree_util.tree_map_with_path(draw, export.abstract_params(cfg))
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))
 
 
 def assert_trees_equal(a, b):
     """Two param trees hold the same paths, dtypes and values, exactly."""
-    from rmoe_jax import export
+    from rmoe_jax.checkpoint import _flat
 
-    flat_a, flat_b = export._flat(a), export._flat(b)
+    flat_a, flat_b = _flat(a), _flat(b)
     assert flat_a.keys() == flat_b.keys()
     for path in flat_a:
         assert flat_a[path].dtype == flat_b[path].dtype, path

@@ -256,7 +256,7 @@ def test_cli_refuses_a_capacity_rmoe_unless_asked_to_skip_the_code(tmp_path, mon
     params = random_params(config.model)
     checkpoint = export.WorkdirCheckpoint(config=config, params=params, step=4,
                                           workdir=str(tmp_path / "run"))
-    monkeypatch.setattr(export, "load_workdir", lambda workdir, step=None: checkpoint)
+    monkeypatch.setattr(export.writer, "load_workdir", lambda workdir, step=None: checkpoint)
     out = tmp_path / "out"
     assert export.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 
-from rmoe_jax.export import load_workdir
+from rmoe_jax.checkpoint import load_workdir
 
 from train_helpers import REPO, train_cmd
 

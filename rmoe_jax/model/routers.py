@@ -9,7 +9,8 @@ One interface for all: `router(x, router_state, shared) -> (logits, new_router_s
 Stateless routers return the state untouched, so one decoder layer serves every router.
 Router math runs in float32 whatever the model's compute dtype.
 
-Parameters whose name starts with `frozen` are never updated by the optimizer (`frozen_mask`).
+Their facts (axes, weight decay, frozen, export names) are in `rmoe_jax.param_table`; params named
+`frozen_*` are the ones it marks frozen (never updated by the optimizer).
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ from rmoe_jax import parallel
 from rmoe_jax.checkpoint import CHECKPOINT_DIR, CheckpointError, Checkpointer
 from rmoe_jax.train import state as state_lib
 from rmoe_jax.train.metrics import MetricsWriter
-from rmoe_jax.train.optim import count_frozen, make_optimizer
+from rmoe_jax.train.experiment import build_experiment
+from rmoe_jax.train.optim import count_frozen
 from rmoe_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
-from rmoe_jax.train.step import finish_eval, make_eval_step, make_train_step
+from rmoe_jax.train.step import eval_sums, finish_eval
 
 DAMAGED_DIR = "checkpoints_damaged"  # damaged steps are moved here (kept for inspection)
 SUPERSEDED_DIR = "checkpoints_superseded"  # steps after an explicit train.resume_step
@@ -180,14 +181,6 @@ def _restore_failure(ckpt: Checkpointer, step: int, saved: dict, current: dict, 
             + (f": resume from an earlier step with --config.train.resume_step={earlier[-1]}" if earlier else ""))
 
 
-def _pad_batch(batch: dict, size: int) -> dict:
-    """Pad a short (last) eval batch to `size` rows with weight 0."""
-    n = next(iter(batch.values())).shape[0]
-    if n == size:
-        return batch
-    return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-
-
 class _Preemption:
     """Catches SIGTERM (only in the main thread) and records that it came."""
 
@@ -278,19 +271,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
     is_main = jax.process_index() == 0
     processes, process_index = jax.process_count(), jax.process_index()
 
-    from rmoe_jax.model import build_model, count_params, decay_mask, frozen_mask
+    from rmoe_jax.model import build_model, count_params
 
-    model = build_model(config.model)
     seq_len = int(data_cfg.seq_len)
-
-    abstract_params = jax.eval_shape(
-        lambda: nn.meta.unbox(model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                                         jnp.zeros((1, seq_len), jnp.int32), deterministic=True))["params"])
-    frozen = frozen_mask(abstract_params)
-    tx = make_optimizer(train_cfg, frozen_mask=frozen, decay_mask=decay_mask(abstract_params))
-    abstract_state, init_fn = state_lib.abstract_and_init(model, tx, seq_len=seq_len, seed=int(train_cfg.seed))
-    state_sh = state_lib.state_shardings(mesh, abstract_state, rules)
-    batch_sh = parallel.batch_sharding(mesh)
+    experiment = build_experiment(config, mesh)
+    frozen = experiment.frozen
+    batch_sh = experiment.batch_sharding
 
     # -- state: restore or init ------------------------------------------------------------------
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=int(train_cfg.keep_checkpoints),
@@ -307,7 +293,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
             saved = ckpt.restore_config(latest)
             check_resumable(saved, config_json, latest)
             try:
-                restored = ckpt.restore(latest, state_lib.with_shardings(abstract_state, state_sh))
+                restored = ckpt.restore(latest, experiment.restore_target)
             except Exception as e:
                 raise config_lib.ConfigError(_restore_failure(ckpt, latest, saved, config_json, e)) from e
             if not bool(_all_finite(restored.state.params)):
@@ -317,7 +303,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
                     f"steps: {', '.join(map(str, ckpt.all_steps()))})")
             state, data_state = restored.state, restored.data_state
         else:
-            state = jax.jit(init_fn, out_shardings=state_sh)()
+            state = experiment.init_state()
         start_step = int(jax.device_get(state.step))
 
         # -- data --------------------------------------------------------------------------------
@@ -341,31 +327,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
     rerun_overflow = (moe_cfg.dispatch == "dropless" and moe_cfg.get("exchange_factor", 0.0) > 0
                       and moe_cfg.get("exchange_overflow", "rerun") == "rerun")
 
-    def jit_step(step_model, keep_state: bool):
-        return jax.jit(make_train_step(step_model, tx, train_cfg, frozen_mask=frozen,
-                                       keep_state_on_exchange_overflow=keep_state),
-                       in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, state_lib.replicated(mesh)), donate_argnums=0)
-
-    step_fn = jit_step(model, rerun_overflow)
+    step_fn = experiment.train_step(keep_state_on_exchange_overflow=rerun_overflow)
     exact_step_fn = None  # worst-case exchange blocks, compiled on the first overflow
-    eval_fn = jax.jit(make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=state_lib.replicated(mesh))
+    eval_fn = experiment.eval_step()
 
     def to_global(batch: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v)) for k, v in batch.items()}
 
     def evaluate(params) -> dict:
-        totals = None
         batches = data_lib.make_eval_batches(data_cfg, split=data_cfg.eval_split, batch_size=eval_batch,
                                              process_index=process_index, process_count=processes,
                                              max_batches=int(train_cfg.eval_batches))
-        for batch in batches:
-            out = jax.device_get(eval_fn(params, to_global(_pad_batch(batch, eval_batch))))
-            totals = out if totals is None else {k: totals[k] + np.float64(out[k]) for k in totals}
-        if totals is None:
-            raise ValueError(f"data split {data_cfg.eval_split!r} gave no eval batches")
-        return finish_eval(totals, byte_level=byte_level)
+        return finish_eval(eval_sums(eval_fn, params, map(to_global, batches)), byte_level=byte_level)
 
     # -- logging -----------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step if latest is not None else -1)
@@ -393,7 +366,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
         try:
             counts = count_params(config.model)
             note("params: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-                 + f"; frozen {count_frozen(frozen, abstract_params):,}")
+                 + f"; frozen {count_frozen(frozen, experiment.abstract_state.params):,}")
         except Exception:  # informative only
             pass
 
@@ -464,7 +437,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
                 if exact_step_fn is None:
                     exact_config = ml_collections.ConfigDict(config.model.to_dict())
                     exact_config.moe.exchange_factor = 0.0
-                    exact_step_fn = jit_step(build_model(exact_config), False)
+                    exact_step_fn = experiment.train_step(model=build_model(exact_config))
                 state, metrics = exact_step_fn(state, batch)
                 metrics = jax.device_get(metrics)
             if step > start_step:

@@ -10,12 +10,13 @@ micro-batching trainer).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from rmoe_jax.train.optim import make_schedule, trainable_global_norm
@@ -152,3 +153,22 @@ def finish_eval(sums: Metrics, *, byte_level: bool) -> dict[str, float]:
     else:
         out["perplexity"] = math.exp(min(loss, 700.0))
     return out
+
+
+def eval_sums(eval_fn: Callable[[Any, Batch], Metrics], params, batches: Iterable[Batch]) -> Metrics:
+    """THE eval loop: `eval_fn(params, batch)` summed over `batches` in float64.
+
+    Batches come padded to one shape by `rmoe_jax.data.make_eval_batches` (weight-0 rows), so
+    one compiled program serves them all. Returns the sums `finish_eval` takes.
+
+    Raises:
+      ValueError: there were no batches.
+    """
+    totals = None
+    for batch in batches:
+        out = jax.device_get(eval_fn(params, batch))
+        totals = ({k: np.float64(v) for k, v in out.items()} if totals is None
+                  else {k: totals[k] + np.float64(out[k]) for k in totals})
+    if totals is None:
+        raise ValueError("no eval batches: the split is empty")
+    return totals
