@@ -4,8 +4,8 @@
         --repeats 5 --out BENCHMARKS.run.md
 
 Every variant is the real training step (`make_optimizer` + `make_train_step`, `jax.jit` with
-the state donated), built from `--config` (plus any `--set FIELD=VALUE` overrides, applied to
-all of them) with one change each:
+the state donated), built from `--config FILE[:row]` (plus any `--config.FIELD=VALUE` overrides,
+e.g. `--config.model.num_layers=2`, applied to all of them) with one change each:
 
     rmoe            the config as given (the RMoE router, its dispatch, its number of experts)
     smoe            model.router.name = linear                   (RMoE / SMoE ratio)
@@ -33,16 +33,16 @@ backward). MFU = model FLOPs per step / step time / measured matmul FLOP/s.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
+import types
 from typing import Callable
 
 import numpy as np
@@ -50,13 +50,6 @@ import numpy as np
 
 # ----------------------------------------------------------------------------------------------
 # Configs
-
-def load_config(spec: str):
-    """`path/to/config.py[:arg]` -> the file's `get_config(arg)`; `cli.CliError` says why not."""
-    from rmoe_jax.cli import load_config_file
-
-    return load_config_file(spec, "--config")
-
 
 def variant_config(base, *, row: str | None = None, dispatch: str | None = None,
                    num_experts: int | None = None, batch_size: int, seq_len: int,
@@ -317,60 +310,79 @@ def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -
     return "\n".join(lines) + "\n"
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`['model.num_layers=2', 'model.dtype=float32']` -> {'model.num_layers': 2, ...}."""
-    fields = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name:
-            print(f"error: --set {item!r}: expected FIELD=VALUE", file=sys.stderr, flush=True)
-            raise SystemExit(2)
-        try:
-            fields[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            fields[name] = text
-    return fields
+DEFAULT_CONFIG = "configs/enwik8_medium.py"
+DEFAULT_VARIANTS = "rmoe,smoe,capacity,dropless,experts,attn_fused,matmul,mixtral_torch"
+_HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/enwik8_medium.py", help="config file[:row]")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--seq_len", type=int, default=0, help="0: the config's data.seq_len")
-    p.add_argument("--steps", type=int, default=2, help="steps timed per variant per round")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
-    p.add_argument("--experts", default="8,16,64", help="dropless expert-count sweep (fixed top-k)")
-    p.add_argument("--variants", default="rmoe,smoe,capacity,dropless,experts,attn_fused,matmul,mixtral_torch",
-                   help="comma list from: rmoe, smoe, capacity, dropless, experts, attn_fused, matmul, "
-                        "mixtral_torch")
-    p.add_argument("--capacity_factor", type=float, default=0.0,
-                   help="capacity variant's factor; 0 = the config's")
-    p.add_argument("--matmul_n", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = os.cpu_count()")
-    p.add_argument("--dropout", type=float, default=-1.0, help=">= 0 overrides model.dropout_rate")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field for every variant, e.g. --set model.num_layers=2 "
-                        "(repeatable; values parsed as Python literals, else kept as strings)")
-    p.add_argument("--profile", default="", metavar="DIR",
-                   help="after timing, trace one more step of each JAX variant into DIR/<variant> "
-                        "(jax.profiler, Perfetto) and add where its time goes to the output")
-    p.add_argument("--out", default="", help="write the Markdown table here (and raw times to .json)")
-    return p.parse_args(argv)
+def define_flags(flag_values, argv: list[str]) -> None:
+    """The bench's flags on `flag_values` (a fresh `flags.FlagValues()` per call: absl flags are
+    process-global, and tests call `main` several times). `argv` is the whole command line: the
+    `--config.FIELD=VALUE` overrides are read from it (config_flags reads sys.argv otherwise)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = dict(flag_values=flag_values)
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "config file[:row]; override any field "
+                                    "for every variant with --config.FIELD=VALUE, e.g. "
+                                    "--config.model.num_layers=2", lock_config=True, sys_argv=argv, **fv)
+    flags.DEFINE_integer("batch_size", 4, "batch size", **fv)
+    flags.DEFINE_integer("seq_len", 0, "0: the config's data.seq_len", **fv)
+    flags.DEFINE_integer("steps", 2, "steps timed per variant per round", **fv)
+    flags.DEFINE_integer("repeats", 5, "interleaved rounds", **fv)
+    flags.DEFINE_string("experts", "8,16,64", "dropless expert-count sweep (fixed top-k)", **fv)
+    flags.DEFINE_string("variants", DEFAULT_VARIANTS,
+                        "comma list from: rmoe, smoe, capacity, dropless, experts, attn_fused, matmul, "
+                        "mixtral_torch", **fv)
+    flags.DEFINE_float("capacity_factor", 0.0, "capacity variant's factor; 0 = the config's", **fv)
+    flags.DEFINE_integer("matmul_n", 2048, "matmul variant's N (N x N float32 jnp.dot)", **fv)
+    flags.DEFINE_integer("threads", 0, "torch threads; 0 = os.cpu_count()", **fv)
+    flags.DEFINE_float("dropout", -1.0, ">= 0 overrides model.dropout_rate", **fv)
+    flags.DEFINE_string("profile", "", "after timing, trace one more step of each JAX variant into "
+                        "DIR/<variant> (jax.profiler, Perfetto) and add where its time goes to the output",
+                        **fv)
+    flags.DEFINE_string("out", "", "write the Markdown table here (and raw times to .json)", **fv)
+    import absl.logging  # noqa: F401 (defines --verbosity, which the error lines point to)
+
+    flags.DEFINE_flag(flags.FLAGS["verbosity"], flag_values, module_name="absl.logging")
+
+
+def parse_args(argv=None) -> types.SimpleNamespace:
+    """The command line (without the program name; None: sys.argv[1:]) -> one attribute per flag:
+    `config` is the `--config` argument as given, `base_config` the loaded config with the
+    `--config.FIELD=VALUE` overrides. A mistake: one `error:` line, exit status 2 (`rmoe_jax.cli`)."""
+    from absl import flags
+
+    from rmoe_jax import cli
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(re.match(r"^--?config(=|$)", a) for a in args):
+        args = ["--config", DEFAULT_CONFIG, *args]  # the default, loaded (and checked) like a given one
+    command = ["rmoe_jax.bench", *args]
+    flag_values = flags.FlagValues()
+    define_flags(flag_values, command)
+    if any(a in _HELP_FLAGS for a in args):
+        print(f"usage: python -m rmoe_jax.bench [--config FILE[:row]] [--config.FIELD=VALUE ...] "
+              f"[--flag=value ...]\n\n{__doc__.split(chr(10) * 2)[0]}\n\n{flag_values.get_help()}")
+        raise SystemExit(0)
+    cli.parse_flags(command, flag_values=flag_values)
+    names = ("batch_size", "seq_len", "steps", "repeats", "experts", "variants", "capacity_factor",
+             "matmul_n", "threads", "dropout", "profile", "out")
+    return types.SimpleNamespace(config=flag_values["config"].config_filename,
+                                 base_config=flag_values["config"].value,
+                                 **{name: flag_values[name].value for name in names})
 
 
 def main(argv=None) -> str:
-    args = parse_args(argv)
+    args = parse_args(argv)  # a mistake in a flag, --config or --config.FIELD: one line, exit 2
     import jax
 
-    from rmoe_jax.cli import CliError, apply_overrides
     from rmoe_jax.config import ConfigError, validate
 
-    try:  # a mistake in --config or --set: one line, exit status 2
-        base = load_config(args.config)
-        apply_overrides(base, parse_overrides(args.set), "--set ")
+    base = args.base_config
+    try:
         validate(base)
-    except (CliError, ConfigError) as error:
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     args.seq_len = args.seq_len or int(base.data.seq_len)

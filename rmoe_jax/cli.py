@@ -16,7 +16,7 @@ or the field and what to do:
 
 A traceback is printed only with `--verbosity` (any value). Without `--verbosity`, logging is
 set to WARNING (absl, Orbax and TensorStore log at INFO). The same messages serve argparse
-commands (`python -m rmoe_jax.bench --config FILE --set FIELD=VALUE`) through
+commands (`python -m rmoe_jax.data.prepare --config FILE --config.data.FIELD=VALUE`) through
 `load_config_file` and `apply_overrides`, which raise `CliError`.
 
 `writable_dir_problem(path, what)` says why a directory cannot be written (a file, no

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from rmoe_jax import bench
+from rmoe_jax import bench, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def test_bench_writes_table(tmp_path):
     table = bench.main(["--config", str(config), "--batch_size", "2", "--steps", "1", "--repeats", "2",
                         "--experts", "4", "--matmul_n", "64", "--threads", "1",
                         "--variants", "rmoe,smoe,experts,attn_fused,matmul,mixtral_torch",
-                        "--set", "model.attention_chunk=4", "--set", "model.router.hidden_size=4",
+                        "--config.model.attention_chunk=4", "--config.model.router.hidden_size=4",
                         "--profile", str(tmp_path / "profile"), "--out", str(out)])
     text = out.read_text()
     assert table in text
@@ -67,17 +67,22 @@ def test_bench_writes_table(tmp_path):
     assert raw["rmoe"]["model_flops"] > raw["smoe"]["model_flops"] > 0
 
 
-def test_set_overrides_parse_and_refuse_unknown_fields(tmp_path, capsys):
-    assert bench.parse_overrides(["model.num_layers=2", "model.dtype=bfloat16", "a.b=0.5"]) == {
-        "model.num_layers": 2, "model.dtype": "bfloat16", "a.b": 0.5}
+def test_config_overrides_parse_and_refuse_unknown_fields(tmp_path, capsys):
     config = tmp_path / "toy.py"
     config.write_text(TOY_CONFIG)
+    # --config.FIELD=VALUE (ml_collections.config_flags, as train.py and compare): each value
+    # parsed as the config field's type.
+    base = bench.parse_args(["--config", str(config), "--config.model.num_layers=2",
+                             "--config.model.dtype=bfloat16", "--config.train.learning_rate=0.5"]).base_config
+    assert (base.model.num_layers, base.model.dtype, base.train.learning_rate) == (2, "bfloat16", 0.5)
     # Each mistake: exit status 2 and one line naming the field or file (tests/test_cli_errors.py).
     for args, message in (
-            (["--set", "model.num_layer=2"],
-             "error: --set model.num_layer: no such field (did you mean --set model.num_layers?)"),
-            (["--set", "model.num_layers=two"], "error: --set model.num_layers='two': expected an int"),
-            (["--set", "model.num_layers"], "error: --set 'model.num_layers': expected FIELD=VALUE")):
+            (["--config.model.num_layer=2"],
+             "error: --config.model.num_layer: no such field (did you mean --config.model.num_layers?)"),
+            (["--config.model.num_layers=two"], "error: --config.model.num_layers=two: 'two' is not an int"),
+            (["--config.model.num_layers"], "error: Missing value for flag --config.model.num_layers"),
+            (["--batch_size=two"], "error: --batch_size=two: invalid literal for int()"),
+            (["--nope=1"], "error: Unknown command line flag 'nope'")):
         with pytest.raises(SystemExit) as info:
             bench.main(["--config", str(config), "--variants", "matmul", *args])
         assert info.value.code == 2
@@ -90,7 +95,8 @@ def test_set_overrides_parse_and_refuse_unknown_fields(tmp_path, capsys):
 
 
 def test_format_table_ratios():
-    args = bench.parse_args(["--config", "toy.py", "--batch_size", "2", "--seq_len", "16"])
+    args = bench.parse_args(["--config", os.path.join(REPO, "configs", "tiny.py"), "--batch_size", "2",
+                             "--seq_len", "16"])
 
     def variant(name, times, flops=1e9):
         return bench.Variant(name, None, compile_s=1.0, peak_bytes=2**20, xla_flops=flops,
@@ -110,7 +116,7 @@ def test_format_table_ratios():
 
 
 def test_model_flops_formula():
-    config = bench.load_config(os.path.join(REPO, "configs", "enwik8_medium.py"))
+    config = cli.load_config_file(os.path.join(REPO, "configs", "enwik8_medium.py"))
     flops, active = bench.model_flops_per_step(config.model, batch_size=2, seq_len=512)
     m = config.model
     assert flops == 2 * 512 * (6 * active + 6 * m.num_layers * 512 * m.d_model)
