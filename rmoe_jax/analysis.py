@@ -379,7 +379,9 @@ def eval_batches(config, split: str, batches: int, batch_size: int = 0):
     """Deterministic eval batches (the first `batches` of `split`; 0 = the whole split)."""
     from rmoe_jax import data as data_lib
 
-    size = batch_size or config.train.get("eval_batch_size", 0) or config.train.batch_size
+    from rmoe_jax.config import eval_batch_size
+
+    size = batch_size or eval_batch_size(config.train)
     return data_lib.make_eval_batches(config.data, split=split, batch_size=int(size),
                                       max_batches=int(batches))
 

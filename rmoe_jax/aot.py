@@ -30,7 +30,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from rmoe_jax import cli
-from rmoe_jax.config import set_fields
+from rmoe_jax.config import eval_batch_size, set_fields
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Compile for this many (fake) CPU devices.")
@@ -144,7 +144,7 @@ def _compile_one(config, mesh, name: str, *, identity_optimizer: bool = False):
             return experiment.train_step().lower(
                 state, experiment.abstract_batch(config.train.batch_size)).compile()
         if name == "eval":
-            batch = experiment.abstract_batch(config.train.eval_batch_size or config.train.batch_size)
+            batch = experiment.abstract_batch(eval_batch_size(config.train))
             return experiment.eval_step().lower(state.params, batch).compile()
         if name == "decode":
             return _compile_decode(config, mesh, state.params, experiment.state_shardings.params)
@@ -160,7 +160,7 @@ def _compile_decode(config, mesh, params, params_sh):
     from rmoe_jax.model.decode import decode_model, extend
 
     model = decode_model(config.model)
-    batch = int(config.train.eval_batch_size or config.train.batch_size)
+    batch = eval_batch_size(config.train)
     seq_len = int(config.data.seq_len)
     cache = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                               jnp.zeros((batch, seq_len), jnp.int32)))["cache"]
@@ -276,8 +276,7 @@ def fit_problem(report: StepReport, chip: Chip) -> str | None:
 
 def step_tokens(config, name: str) -> int:
     """Tokens one step processes: a batch of sequences (train, eval) or one per sequence (decode)."""
-    batch = int(config.train.batch_size) if name == "train" else int(
-        config.train.eval_batch_size or config.train.batch_size)
+    batch = int(config.train.batch_size) if name == "train" else eval_batch_size(config.train)
     return batch if name == "decode" else batch * int(config.data.seq_len)
 
 

@@ -199,6 +199,11 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def eval_batch_size(train: ml_collections.ConfigDict) -> int:
+    """The global eval batch: `train.eval_batch_size`, or `train.batch_size` when that is 0."""
+    return int(train.eval_batch_size or train.batch_size)
+
+
 def set_fields(config: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
     """Set dotted fields (`{'model.router.name': 'linear'}`) in place; returns `config`.
 
@@ -249,7 +254,7 @@ def model_problems(model: ml_collections.ConfigDict, prefix: str = "model") -> l
     _check_choice(p, model.dtype, f"{prefix}.dtype", DTYPES)
     _check_choice(p, model.param_dtype, f"{prefix}.param_dtype", DTYPES)
     _check_choice(p, model.remat_policy, f"{prefix}.remat_policy", REMAT_POLICIES)
-    attention_chunk = model.get("attention_chunk", 0)
+    attention_chunk = model.attention_chunk
     _check(p, isinstance(attention_chunk, int) and attention_chunk >= 0, f"{prefix}.attention_chunk",
            f"must be an integer >= 0 (0 = unchunked), got {attention_chunk!r}")
     scan_unroll = model.get("scan_unroll", 1)

@@ -29,6 +29,7 @@ import ml_collections
 
 from rmoe_jax import checkpoint as checkpoint_lib
 from rmoe_jax import export as export_lib
+from rmoe_jax.config import eval_batch_size
 
 
 def make_eval_fn(model_config: ml_collections.ConfigDict):
@@ -95,7 +96,7 @@ def load_model(workdir: Optional[str] = None, export: Optional[str] = None,
         ckpt = checkpoint_lib.load_workdir(workdir, step)
         train = ckpt.config.train
         return LoadedModel(ckpt.config.model, ckpt.params, ckpt.config.data,
-                           int(train.eval_batch_size or train.batch_size),
+                           eval_batch_size(train),
                            {"workdir": ckpt.workdir, "step": ckpt.step})
     if step is not None:
         raise ValueError("--step applies to --workdir only (an export holds one step)")

@@ -159,7 +159,7 @@ class DecoderLayer(nn.Module):
         head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         attention = Attention(cfg.num_heads, cfg.num_kv_heads, head_dim, cfg.rope_theta, dtype,
                               param_dtype, cfg.init_std, self.decode,
-                              int(cfg.get("attention_chunk", 0)), name="attention")
+                              int(cfg.attention_chunk), name="attention")
         dropout = nn.Dropout(cfg.dropout_rate)
 
         hidden = constrain(hidden, ACTIVATION_AXES)

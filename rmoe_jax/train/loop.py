@@ -90,7 +90,7 @@ def validate_all(config: ml_collections.ConfigDict, *, check_vocab: bool = True)
         if train.batch_size % (processes * train.grad_accum_steps):
             problems.append(f"train.batch_size: {train.batch_size} is not divisible by "
                             f"process_count * grad_accum_steps = {processes} * {train.grad_accum_steps}")
-    eval_batch = train.get("eval_batch_size", 0) or train.batch_size
+    eval_batch = config_lib.eval_batch_size(train)
     if eval_batch > 0 and eval_batch % processes:
         problems.append(f"train.eval_batch_size: {eval_batch} is not divisible by process_count={processes}")
     if not problems:
@@ -319,7 +319,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
     except BaseException:
         ckpt.close()
         raise
-    eval_batch = (train_cfg.get("eval_batch_size", 0) or train_cfg.batch_size) // processes
+    eval_batch = config_lib.eval_batch_size(train_cfg) // processes
     byte_level = data_cfg.tokenizer == "byte"
 
     # -- compiled steps ----------------------------------------------------------------------------
