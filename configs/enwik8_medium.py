@@ -64,6 +64,9 @@ def get_config(row: str | None = None):
     model.vocab_size = 256
     model.d_model = 352
     model.num_layers = 8
+    # All 8 layers unrolled: on CPU the rolled scan's per-layer slicing and stacking cost 11% of
+    # the step (BENCHMARKS.md, "CPU step"); compile time stays ~10 s.
+    model.scan_unroll = 8
     model.num_heads = 8
     model.num_kv_heads = 8
     model.max_seq_len = 512

@@ -13,6 +13,7 @@ e.g. `--config.model.num_layers=2`, applied to all of them) with one change each
     dropless        model.moe.dispatch = dropless
     e<N>            model.moe.num_experts = N (dropless, same top-k and tokens)
     attn_fused      model.attention_chunk = 0: one fused attention (fused / chunked ratio)
+    scan_rolled     model.scan_unroll = 1: the layer scan not unrolled (rolled / as-given ratio)
     matmul          a float32 N x N jnp.dot (the machine's dense matmul peak, for MFU)
     mixtral_torch   transformers' MixtralForCausalLM of the same shape, AdamW, PyTorch CPU
 
@@ -38,6 +39,7 @@ import json
 import math
 import os
 import platform
+import resource
 import re
 import statistics
 import sys
@@ -122,6 +124,9 @@ class Variant:
     tokens: int = 0
     note: str = ""
     times: list = dataclasses.field(default_factory=list)  # seconds per step, one per round
+    # Per step, one per round, from getrusage (the whole process: the variant timed alone then):
+    faults: list = dataclasses.field(default_factory=list)  # minor page faults
+    system_s: list = dataclasses.field(default_factory=list)  # kernel CPU seconds (all threads)
     hlo_text: str = ""  # the compiled step's HLO (for --profile); empty for non-JAX variants
 
     @property
@@ -240,9 +245,12 @@ def measure(variants: list[Variant], steps: int, repeats: int, log=print) -> Non
         v.run(1)
     for r in range(repeats):
         for v in variants:
-            start = time.perf_counter()
+            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             v.run(steps)
             v.times.append((time.perf_counter() - start) / steps)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            v.faults.append((after.ru_minflt - usage.ru_minflt) / steps)
+            v.system_s.append((after.ru_stime - usage.ru_stime) / steps)
         log(f"round {r + 1}/{repeats}: " + ", ".join(f"{v.name} {v.times[-1]:.3f}s" for v in variants))
 
 
@@ -260,8 +268,8 @@ def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -
              if math.isfinite(peak) else "Matmul peak: not measured.",
              "",
              "| variant | median s/step | min s/step | tokens/s | compile s | peak MiB (compiled) | "
-             "model GFLOP/step | XLA GFLOP/step | MFU | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "model GFLOP/step | XLA GFLOP/step | MFU | page faults/step | system s/step | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, v in variants.items():
         if key == "matmul":
             continue
@@ -274,6 +282,8 @@ def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -
             + (f"{v.model_flops / 1e9:.1f}" if math.isfinite(v.model_flops) else "-") + " | "
             + (f"{v.xla_flops / 1e9:.1f}" if math.isfinite(v.xla_flops) else "-") + " | "
             + (f"{mfu:.1%}" if math.isfinite(mfu) else "-") + " | "
+            + (f"{statistics.median(v.faults):,.0f} | {statistics.median(v.system_s):.2f} | "
+               if v.faults else "- | - | ")
             + (v.note if key == v.name else f"the {v.name} program, timed once") + " |")
 
     def ratio(a, b):
@@ -291,7 +301,8 @@ def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -
     capacity_ref = "dropless" if "dropless" in variants else base_name
     rows = [("RMoE / SMoE step time", base_name, "smoe", "<= 1.03"),
             ("capacity / dropless step time", "capacity", capacity_ref, "-"),
-            ("fused / chunked attention step time", "attn_fused", base_name, "-")]
+            ("fused / chunked attention step time", "attn_fused", base_name, "-"),
+            ("rolled / as-given layer scan step time", "scan_rolled", base_name, "-")]
     sweep = sorted((int(k[1:]), k) for k in variants if k.startswith("e") and k[1:].isdigit())
     if len(sweep) >= 2:
         lo, hi = sweep[0], sweep[-1]
@@ -311,7 +322,7 @@ def format_table(variants: dict[str, Variant], args, base_name: str, env: str) -
 
 
 DEFAULT_CONFIG = "configs/enwik8_medium.py"
-DEFAULT_VARIANTS = "rmoe,smoe,capacity,dropless,experts,attn_fused,matmul,mixtral_torch"
+DEFAULT_VARIANTS = "rmoe,smoe,capacity,dropless,experts,attn_fused,scan_rolled,matmul,mixtral_torch"
 _HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
 
 
@@ -332,7 +343,7 @@ def define_flags(flag_values, argv: list[str]) -> None:
     flags.DEFINE_integer("repeats", 5, "interleaved rounds", **fv)
     flags.DEFINE_string("experts", "8,16,64", "dropless expert-count sweep (fixed top-k)", **fv)
     flags.DEFINE_string("variants", DEFAULT_VARIANTS,
-                        "comma list from: rmoe, smoe, capacity, dropless, experts, attn_fused, matmul, "
+                        "comma list from: rmoe, smoe, capacity, dropless, experts, attn_fused, scan_rolled, matmul, "
                         "mixtral_torch", **fv)
     flags.DEFINE_float("capacity_factor", 0.0, "capacity variant's factor; 0 = the config's", **fv)
     flags.DEFINE_integer("matmul_n", 2048, "matmul variant's N (N x N float32 jnp.dot)", **fv)
@@ -434,6 +445,11 @@ def main(argv=None) -> str:
         cfg.model.attention_chunk = 0
         add("attn_fused", lambda: jax_train_variant(
             "attn_fused", cfg, note="one fused jax.nn.dot_product_attention (attention_chunk=0)"))
+    if "scan_rolled" in wanted and base.model.scan_unroll != 1:
+        rolled = variant_config(base, **common)
+        rolled.model.scan_unroll = 1
+        add("scan_rolled", lambda: jax_train_variant(
+            "scan_rolled", rolled, note="layer scan rolled (scan_unroll=1)"))
     if "matmul" in wanted:
         add("matmul", lambda: matmul_variant(args.matmul_n))
     if "mixtral_torch" in wanted:
