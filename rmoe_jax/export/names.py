@@ -10,7 +10,6 @@ mapping does not know is an error, never dropped.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import jax
@@ -22,22 +21,17 @@ from rmoe_jax import param_table
 from rmoe_jax.checkpoint import _flat, abstract_params
 from rmoe_jax.export.spec import ExportError
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """How one param leaf of ours becomes export tensors (kinds: `rmoe_jax.param_table`)."""
-    path: tuple[str, ...]
-    names: tuple[str, ...]  # export name templates ({i} layer, {e} expert); one per split part
-    kind: str
-    layered: bool  # the leaf has a leading layer axis (under params['layers'])
-    spec: bool  # the names are the format's own (HF Mixtral / the RMoE authors'); otherwise an extension, listed in config.json
-    doc: str = ""
+# A rule is the parameter table's `ParamFact` of a param: its path, export name templates ({i}
+# layer, {e} expert; one per split part), kind, whether it is stacked over layers, whether the
+# names are the format's own (`spec`; else an extension listed in config.json with `doc`).
+Rule = param_table.ParamFact
 
 
-def _rules(cfg: ml_collections.ConfigDict) -> list[Rule]:
+def _rules(cfg: ml_collections.ConfigDict, abstract=None) -> list[Rule]:
     """Every param of the model `cfg` describes, in export order (layer by layer), with the
-    names the parameter table gives it."""
-    return [Rule(f.path, f.names, f.kind, f.layered, f.spec, f.doc)
-            for f in param_table.param_facts(cfg, abstract_params(cfg))]
+    names the parameter table gives it. `abstract`: its param tree (ShapeDtypeStructs), when
+    the caller has it already."""
+    return param_table.param_facts(cfg, abstract_params(cfg) if abstract is None else abstract)
 
 
 def _fmt(template: str, i: Optional[int], e: Optional[int] = None) -> str:
@@ -139,9 +133,10 @@ def to_torch_tensors(model_config: ml_collections.ConfigDict, params) -> dict[st
 
 def expected_tensors(model_config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """{export name: torch shape} of every tensor an export of `model_config` holds."""
-    leaves = _flat(abstract_params(model_config))
+    abstract = abstract_params(model_config)
+    leaves = _flat(abstract)
     out = {}
-    for rule in _rules(model_config):
+    for rule in _rules(model_config, abstract):
         for i, shape in _rule_slices(rule, tuple(leaves[rule.path].shape)):
             out.update(_slice_expected(rule, shape, i))
     return out
@@ -156,7 +151,7 @@ def from_torch_tensors(model_config: ml_collections.ConfigDict, tensors: dict[st
     """
     abstract = abstract_params(model_config)
     leaves = _flat(abstract)
-    rules = _rules(model_config)
+    rules = _rules(model_config, abstract)
     _covered(rules, leaves, "internal: the mapping does not match the model")
     tensors = dict(tensors)
     problems: list[str] = []
