@@ -91,7 +91,8 @@ def evaluate_params(config, model, params, split: str, batches: int) -> dict:
     from rmoe_jax.train.step import eval_sums, finish_eval, make_eval_step
 
     # eval_batches pads the last batch with weight-0 rows: one compiled shape.
-    sums = eval_sums(jax.jit(make_eval_step(model)), params, eval_batches(config, split, batches))
+    sums = eval_sums(jax.jit(make_eval_step(model)), params, eval_batches(config, split, batches),
+                     split=split)
     return finish_eval(sums, byte_level=config.data.tokenizer == "byte")
 
 

@@ -338,7 +338,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemptio
         batches = data_lib.make_eval_batches(data_cfg, split=data_cfg.eval_split, batch_size=eval_batch,
                                              process_index=process_index, process_count=processes,
                                              max_batches=int(train_cfg.eval_batches))
-        return finish_eval(eval_sums(eval_fn, params, map(to_global, batches)), byte_level=byte_level)
+        return finish_eval(eval_sums(eval_fn, params, map(to_global, batches),
+                                     split=data_cfg.eval_split), byte_level=byte_level)
 
     # -- logging -----------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step if latest is not None else -1)

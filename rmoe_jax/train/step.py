@@ -155,14 +155,15 @@ def finish_eval(sums: Metrics, *, byte_level: bool) -> dict[str, float]:
     return out
 
 
-def eval_sums(eval_fn: Callable[[Any, Batch], Metrics], params, batches: Iterable[Batch]) -> Metrics:
+def eval_sums(eval_fn: Callable[[Any, Batch], Metrics], params, batches: Iterable[Batch], *,
+              split: str = "") -> Metrics:
     """THE eval loop: `eval_fn(params, batch)` summed over `batches` in float64.
 
     Batches come padded to one shape by `rmoe_jax.data.make_eval_batches` (weight-0 rows), so
     one compiled program serves them all. Returns the sums `finish_eval` takes.
 
     Raises:
-      ValueError: there were no batches.
+      ValueError: there were no batches (naming `split`, when given).
     """
     totals = None
     for batch in batches:
@@ -170,5 +171,6 @@ def eval_sums(eval_fn: Callable[[Any, Batch], Metrics], params, batches: Iterabl
         totals = ({k: np.float64(v) for k, v in out.items()} if totals is None
                   else {k: totals[k] + np.float64(out[k]) for k in totals})
     if totals is None:
-        raise ValueError("no eval batches: the split is empty")
+        raise ValueError(f"no eval batches: split {split!r} is empty" if split
+                         else "no eval batches: the split is empty")
     return totals
