@@ -49,7 +49,7 @@ WORST_CASE_BUFFERS_NOTE = (
     "--config.model.moe.exchange_factor=1.25 sizes the blocks at 1.25x the balanced share "
     "(an overflowing step is re-run with worst-case blocks).")
 
-COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,8 @@ def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
     """Occurrences of each collective op (sync or async-start form) in HLO text."""
-    return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo_text)) for op in COLLECTIVES}
+    # (?<![\w-]): `all-to-all` does not count the `ragged-all-to-all`s.
+    return {op: len(re.findall(rf"(?<![\w-]){op}(-start)?\(", hlo_text)) for op in COLLECTIVES}
 
 
 def report_from_compiled(name: str, compiled: Any) -> StepReport:

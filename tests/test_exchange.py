@@ -1,8 +1,9 @@
 """Bounded expert-parallel exchange blocks (moe.exchange_factor) on 8 fake CPU devices.
 
-References: a NumPy MoE that drops exactly the rows a full block cannot hold (counted by a
-plain loop), the single-device model, and, for an overflowing dropless run, the same run with
-worst-case blocks.
+References: the ragged all-to-all's definition written as NumPy loops (for the dense form that
+stands in for `jax.lax.ragged_all_to_all` on CPU), a NumPy MoE that drops exactly the rows a
+full block cannot hold (counted by a plain loop), the single-device model, and, for an
+overflowing dropless run, the same run with worst-case blocks.
 """
 
 import math
@@ -15,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rmoe_jax.model.expert_parallel import BATCH_AXES, exchange_block_rows, expert_parallel_dispatch
 from rmoe_jax.model import build_model
+from rmoe_jax.model.ragged_exchange import dense_ragged_all_to_all
 
 from helpers import random_params, small_model
 from test_mesh import loss_fn, make_mesh, sharded_loss_and_grads
@@ -28,6 +30,69 @@ def test_block_rows():
     # 1.25 x the balanced share 100 * 4 / 8 = 50 -> 62.5 -> 63 -> 64 (multiple of 8).
     assert exchange_block_rows(100, 4, 16, 8, 1.25) == 64
     assert exchange_block_rows(100, 4, 16, 8, 100.0) == 200  # capped at the worst case
+
+
+def numpy_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets):
+    """The collective from its definition, all devices at once (leading axis = device): device
+    i sends operand[i][input_offsets[i, s] : + send_sizes[i, s]] to device s, which writes it
+    at output_offsets[i, s]. -> (result, which output rows were written)."""
+    result, written = output.copy(), np.zeros(output.shape[:2], bool)
+    for i in range(operand.shape[0]):
+        for s in range(operand.shape[0]):
+            rows = operand[i, input_offsets[i, s]:input_offsets[i, s] + send_sizes[i, s]]
+            result[s, output_offsets[i, s]:output_offsets[i, s] + len(rows)] = rows
+            written[s, output_offsets[i, s]:output_offsets[i, s] + len(rows)] = True
+    return result, written
+
+
+def test_dense_ragged_all_to_all_is_the_collective():
+    """Random slices (some empty, some full), disjoint landing places in a random order of
+    senders, gaps between them; values and both gradients against the NumPy definition."""
+    devices, rows_in, rows_out, max_slice, width = 8, 20, 48, 5, 3
+    rng = np.random.default_rng(0)
+    send_sizes = rng.integers(0, max_slice + 1, (devices, devices)).astype(np.int32)
+    send_sizes[0, 1], send_sizes[2, 3] = 0, max_slice
+    input_offsets = rng.integers(0, rows_in - max_slice + 1, (devices, devices)).astype(np.int32)
+    output_offsets = np.zeros((devices, devices), np.int32)
+    for receiver in range(devices):  # senders land in a random order, with random gaps
+        free = rows_out - int(send_sizes[:, receiver].sum())
+        gaps = np.diff(np.sort(rng.integers(0, free + 1, devices + 1)))
+        place = 0
+        for sender, gap in zip(rng.permutation(devices), gaps):
+            place += int(gap)
+            output_offsets[sender, receiver] = place
+            place += int(send_sizes[sender, receiver])
+    recv_sizes = send_sizes.T.copy()
+    operand = rng.normal(size=(devices, rows_in, width)).astype(np.float32)
+    output = rng.normal(size=(devices, rows_out, width)).astype(np.float32)
+    cotangent = rng.normal(size=output.shape).astype(np.float32)
+
+    mesh = make_mesh((1, 1, 8, 1))
+    per_device = P("expert")
+
+    def collective(operand, output, *plan):
+        body = lambda *a: dense_ragged_all_to_all(*(v[0] for v in a), axis_name="expert",
+                                                  max_slice=max_slice)[None]
+        return jax.shard_map(body, mesh=mesh, in_specs=(per_device,) * 6, out_specs=per_device,
+                             check_vma=False)(operand, output, *plan)
+
+    plan = [jnp.asarray(v) for v in (input_offsets, send_sizes, output_offsets, recv_sizes)]
+    result, (grad_operand, grad_output) = jax.jit(lambda a, b: (
+        collective(a, b, *plan),
+        jax.grad(lambda a, b: jnp.sum(collective(a, b, *plan) * cotangent), (0, 1))(a, b)))(
+            operand, output)
+    expected, written = numpy_ragged_all_to_all(operand, output, input_offsets, send_sizes,
+                                                output_offsets)
+    np.testing.assert_array_equal(np.asarray(result), expected)
+    # d/d operand: each sent row collects the cotangent where it landed; d/d output: the
+    # cotangent where nothing landed.
+    expected_grad_operand = np.zeros_like(operand)
+    for i in range(devices):
+        for s in range(devices):
+            for r in range(send_sizes[i, s]):
+                expected_grad_operand[i, input_offsets[i, s] + r] += cotangent[s, output_offsets[i, s] + r]
+    np.testing.assert_allclose(np.asarray(grad_operand), expected_grad_operand, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(grad_output), np.where(written[..., None], 0, cotangent))
 
 
 def swiglu(x, w1, w3, w2):

@@ -5,21 +5,25 @@ Runs inside `jax.shard_map` over the whole mesh. Tokens are sharded over the bat
 optionally their FFN dimension over `tensor`. Per device, with n local tokens and k choices:
 
   1. sort the local (token, slot) assignments by expert; the rows bound for expert shard s are
-     then contiguous;
-  2. scatter them into a send buffer `[X, B, d]` (block s goes to shard s) and `all_to_all` it
-     over the `expert` axis, with the local expert id of every row;
+     then one contiguous run of the sorted rows;
+  2. send each run, at most B rows of it, to its shard with one ragged all-to-all (with the
+     local expert id of every row); the owner receives into a buffer of X * B rows, sender
+     j's rows after those of senders 0..j-1;
   3. the owner sorts what it received by local expert, runs the grouped matmuls, sums the
-     FFN-dim shards over `tensor`, and sends the rows back;
+     FFN-dim shards over `tensor`, and sends every row back to where it came from;
   4. the sender unsorts and combines with the gate weights.
 
+Offsets on the receivers come from one all-gather of every device's per-shard counts `[X, 2, X]`.
 The block B (`exchange_block_rows`) is the exact worst case, n * min(k, E / X) rows (a token
 sends at most min(k, E / X) of its k rows to one shard: its choices are distinct experts), or,
 with `moe.exchange_factor` f > 0, f times the balanced share n * k / X (capped at the worst
-case). Rows past a full block are dropped and counted (`exchange_dropped`); the train step
-then keeps its old state and the loop re-runs the step with worst-case blocks
+case). Rows past B in a run are dropped and counted (`exchange_dropped`); the train step then
+keeps its old state and the loop re-runs the step with worst-case blocks
 (`moe.exchange_overflow=rerun`, the default: dropless stays exact), or lets them drop
-(`drop`). XLA:CPU has no ragged all-to-all, so the buffers are dense blocks; padding rows carry
-the id E / X, outside every group, so the grouped matmul gives them zeros.
+(`drop`). On TPU and GPU the exchange is `jax.lax.ragged_all_to_all`, which moves only the
+filled rows; XLA:CPU has none, so there it is the same collective built from dense blocks
+(`ragged_exchange`). Unfilled rows of the owner's buffer carry the id E / X, outside every
+group, so the grouped matmul gives them zeros.
 """
 
 from __future__ import annotations
@@ -31,19 +35,42 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from rmoe_jax.model.dispatch import grouped_swiglu
+from rmoe_jax.model.ragged_exchange import ragged_all_to_all
 from rmoe_jax.parallel import BATCH_AXES
 EXCHANGE_OVERFLOW = ("rerun", "drop")
 
 
 def exchange_block_rows(local_tokens: int, top_k: int, num_experts: int, expert_shards: int,
                         factor: float) -> int:
-    """Rows per send block: the exact worst case n * min(k, E / X), or for `factor` > 0
+    """Rows per sender and receiver: the exact worst case n * min(k, E / X), or for `factor` > 0
     ceil(factor * n * k / X) rounded up to a multiple of 8, whichever is smaller."""
     worst = local_tokens * min(top_k, num_experts // expert_shards)
     if factor <= 0:
         return worst
     share = math.ceil(factor * local_tokens * top_k / expert_shards)
     return min(worst, -(-share // 8) * 8)
+
+
+def exchange_plan(shard_counts, block: int, axis_name: str):
+    """Offsets and sizes of both ragged exchanges, from every device's per-shard row counts.
+
+    shard_counts `[X]` int32: this device's sorted rows bound for each expert shard. Returns
+    (there, back): each a dict of `input_offsets`, `send_sizes`, `output_offsets`,
+    `recv_sizes` (all `[X]` int32) for `ragged_all_to_all`, and `kept` `[X]` (rows sent, at most
+    `block` per shard). `back` returns each row to its place in the sender's sorted order.
+    """
+    me = jax.lax.axis_index(axis_name)
+    kept = jnp.minimum(shard_counts, block)
+    everyone = jax.lax.all_gather(jnp.stack([shard_counts, kept]), axis_name)  # [X(sender), 2, X]
+    counts, sent = everyone[:, 0], everyone[:, 1]  # [sender, shard]
+    starts = jnp.cumsum(counts, axis=1) - counts  # where each sender's run for a shard begins
+    # On shard s, sender j's rows follow those of senders 0..j-1.
+    landing = jnp.cumsum(sent, axis=0) - sent  # [sender, shard]
+    there = dict(input_offsets=starts[me], send_sizes=kept, output_offsets=landing[me],
+                 recv_sizes=sent[:, me])
+    back = dict(input_offsets=landing[:, me], send_sizes=sent[:, me], output_offsets=starts[:, me],
+                recv_sizes=kept)
+    return there, back, kept
 
 
 def _local_dispatch(x, weights, indices, w1, w3, w2, *, num_experts: int, expert_shards: int,
@@ -56,34 +83,27 @@ def _local_dispatch(x, weights, indices, w1, w3, w2, *, num_experts: int, expert
     order = jnp.argsort(flat_expert, stable=True)
     sorted_expert = flat_expert[order]
     sorted_x = jnp.take(x, order // top_k, axis=0)  # [n*k, d]
-    shard = sorted_expert // local_experts
-    shard_counts = jnp.bincount(shard, length=expert_shards)
-    shard_start = jnp.cumsum(shard_counts) - shard_counts
-    row_in_shard = jnp.arange(num_tokens * top_k) - shard_start[shard]
-    kept = row_in_shard < block  # rows past a full block overflow
-    slot = jnp.where(kept, row_in_shard, block)  # out of range: dropped by the scatters
+    shard_counts = jnp.bincount(sorted_expert // local_experts, length=expert_shards).astype(jnp.int32)
+    there, back, kept = exchange_plan(shard_counts, block, "expert")
+    capacity = expert_shards * block
+    exchange = lambda operand, output, plan: ragged_all_to_all(
+        operand, output, **plan, axis_name="expert", max_slice=block)
 
-    send = jnp.zeros((expert_shards, block, x.shape[-1]), x.dtype).at[shard, slot].set(
-        sorted_x, mode="drop")
-    send_ids = jnp.full((expert_shards, block), local_experts, jnp.int32).at[shard, slot].set(
-        sorted_expert % local_experts, mode="drop")
-    received = jax.lax.all_to_all(send, "expert", 0, 0, tiled=False)
-    received_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=False)
-
-    flat_ids = received_ids.reshape(-1)
-    owner_order = jnp.argsort(flat_ids, stable=True)
-    group_sizes = jnp.bincount(flat_ids, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    owner_in = jnp.take(received.reshape(-1, x.shape[-1]), owner_order, axis=0)
+    received = exchange(sorted_x, jnp.zeros((capacity, x.shape[-1]), x.dtype), there)
+    received_ids = exchange((sorted_expert % local_experts).astype(jnp.int32),
+                            jnp.full((capacity,), local_experts, jnp.int32), there)
+    owner_order = jnp.argsort(received_ids, stable=True)
+    group_sizes = jnp.bincount(received_ids, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    owner_in = jnp.take(received, owner_order, axis=0)
     owner_out = grouped_swiglu(owner_in, (w1, w3, w2), group_sizes)
     owner_out = jax.lax.psum(owner_out, "tensor")  # FFN-dim shards each hold a partial sum
-    back = jnp.zeros_like(owner_out).at[owner_order].set(owner_out, unique_indices=True)
-    returned = jax.lax.all_to_all(back.reshape(received.shape), "expert", 0, 0, tiled=False)
-
-    sorted_out = jnp.where(kept[:, None], returned[shard, jnp.minimum(slot, block - 1)], 0)
+    owner_rows = jnp.zeros_like(owner_out).at[owner_order].set(owner_out, unique_indices=True)
+    # Rows past a full block never left; they come back as zeros.
+    sorted_out = exchange(owner_rows, jnp.zeros_like(sorted_x), back)
     out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)
     y = jnp.einsum("nkd,nk->nd", out.reshape(num_tokens, top_k, -1), weights.astype(out.dtype))
     # Every FFN-dim (tensor) shard sees the same rows: count them once, over the other axes.
-    dropped = jax.lax.psum(jnp.sum(~kept).astype(jnp.int32), tuple(a for a in axes if a != "tensor"))
+    dropped = jax.lax.psum(jnp.sum(shard_counts - kept), tuple(a for a in axes if a != "tensor"))
     return y, dropped
 
 
@@ -108,8 +128,3 @@ def expert_parallel_dispatch(mesh: Mesh, x, weights, indices, experts, num_exper
 
     return jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, batch, up, up, down),
                          out_specs=(batch, P()), check_vma=False)(x, weights, indices, *experts)
-
-
-def dropless_expert_parallel(mesh: Mesh, x, weights, indices, experts, num_experts: int):
-    """Dropless MoE over `mesh` with worst-case exchange blocks: y `[N, d]`."""
-    return expert_parallel_dispatch(mesh, x, weights, indices, experts, num_experts, 0.0)[0]
