@@ -254,12 +254,13 @@ def test_megablox_branch_matches_per_group_loop_and_cpu_path(megablox_interpret,
 
 
 def test_megablox_wide_tiles_with_ragged_k_and_n(megablox_interpret):
-    """k = 256, n = 384: 512-row tiles, one 256-wide k tile and 256 + 128 n tiles (the
-    backward swaps them); the 0.91B expert shapes (1280 x 448) tile the same way."""
+    """k = 256, n = 384: 1024-row tiles, one k and one n tile (the backward swaps them); the
+    0.91B expert shapes (1280 -> 2 x 448, 448 -> 1280) get 1024-row tiles and irregular ones."""
     from rmoe_jax.model.dispatch import gmm_tiling
 
-    assert gmm_tiling(256, 384) == (512, 256, 256)
-    assert gmm_tiling(1280, 448) == (512, 384, 384) and gmm_tiling(64, 256) == (128, 64, 128)
+    assert gmm_tiling(256, 384) == (1024, 256, 384)
+    assert gmm_tiling(1280, 896) == (1024, 640, 896) and gmm_tiling(448, 1280) == (1024, 512, 640)
+    assert gmm_tiling(4096, 14336) == (1024, 512, 1024) and gmm_tiling(64, 256) == (128, 128, 128)
     rng = np.random.default_rng(3)
     group_sizes = [300, 0, 250, 40]
     lhs = rng.normal(size=(600, 256)).astype(np.float32)
@@ -278,3 +279,53 @@ def test_megablox_branch_gives_padding_rows_zero_gradient(megablox_interpret):
     sizes = jnp.asarray(group_sizes, jnp.int32)
     _, lhs_grad, _ = output_and_grads(megablox_interpret, lhs, rhs, sizes, probe)
     np.testing.assert_array_equal(lhs_grad[sum(group_sizes):], 0.0)  # as on CPU (the test above)
+
+
+@pytest.mark.parametrize("all_rows_grouped", [True, False])
+def test_megablox_swiglu_matches_numpy(megablox_interpret, all_rows_grouped):
+    """The TPU SwiGLU (w1 and w3 as one gmm, masks only at its ends) against NumPy, values
+    and gradients; with rows outside every group those give zeros and get zero gradient."""
+    from rmoe_jax.model.dispatch import _megablox_swiglu
+
+    rng = np.random.default_rng(11)
+    group_sizes = [120, 0, 200, 80] if all_rows_grouped else [120, 0, 57, 60]
+    rows, d, f = 400, 128, 192  # f off the 128 unit: one irregular tile of the fused 2f = 384
+    x = rng.normal(size=(rows, d)).astype(np.float32)
+    w1, w3 = (rng.normal(size=(4, d, f)).astype(np.float32) / np.sqrt(d) for _ in range(2))
+    w2 = rng.normal(size=(4, f, d)).astype(np.float32) / np.sqrt(f)
+    probe = rng.normal(size=(rows, d)).astype(np.float32)
+
+    def numpy_swiglu(x, w1, w3, w2):
+        out = np.zeros((rows, d))
+        start = 0
+        for group, size in enumerate(group_sizes):
+            xs = x[start:start + size]
+            h = xs @ w1[group]
+            out[start:start + size] = ((h / (1 + np.exp(-h))) * (xs @ w3[group])) @ w2[group]
+            start += size
+        return out
+
+    def loss64(*a):
+        return np.sum(numpy_swiglu(*a) * probe)
+
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    run = jax.jit(jax.value_and_grad(
+        lambda *a: jnp.sum(_megablox_swiglu(*a, sizes, all_rows_grouped) * probe), argnums=(0, 1, 2, 3)))
+    value, grads = run(x, w1, w3, w2)
+    out = jax.jit(lambda *a: _megablox_swiglu(*a, sizes, all_rows_grouped))(x, w1, w3, w2)
+    args64 = [np.asarray(a, np.float64) for a in (x, w1, w3, w2)]
+    np.testing.assert_allclose(np.asarray(out), numpy_swiglu(*args64), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(value), loss64(*args64), rtol=1e-4)
+    # Gradients by central differences of the float64 NumPy loss along random directions.
+    for arg, grad in enumerate(grads):
+        direction = rng.normal(size=args64[arg].shape)
+        step = 1e-4
+        plus, minus = list(args64), list(args64)
+        plus[arg] = plus[arg] + step * direction
+        minus[arg] = minus[arg] - step * direction
+        expected = (loss64(*plus) - loss64(*minus)) / (2 * step)
+        np.testing.assert_allclose(float(np.sum(np.asarray(grad, np.float64) * direction)), expected,
+                                   rtol=2e-3)
+    used = sum(group_sizes)
+    np.testing.assert_array_equal(np.asarray(out)[used:], 0.0)
+    np.testing.assert_array_equal(np.asarray(grads[0])[used:], 0.0)

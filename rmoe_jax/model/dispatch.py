@@ -146,42 +146,86 @@ def capacity_dispatch_einsum(x: jax.Array, weights: jax.Array, indices: jax.Arra
 
 
 GMM_TILE = 128  # megablox tile for dims under 128 (and the unit of the wider tiles)
+GMM_MAX_TILE = 1024  # widest k / n tile, and the row tile
+GMM_MAX_TILE_AREA = 640 * 1024  # tk x tn: past this a tile pair overflows the scoped VMEM
 
 
-GMM_ROW_TILE = 512  # rows per tile once both matmul dims reach 128 (MaxText's default tm too)
+def _gmm_dim_tile(dim: int) -> int:
+    """The whole dim rounded up to the 128-lane unit if that is at most GMM_MAX_TILE (one
+    irregular tile: 448 -> 512), else the widest multiple of 128 up to GMM_MAX_TILE that divides
+    it (1280 -> 640), else 512 (irregular)."""
+    whole = -(-dim // GMM_TILE) * GMM_TILE
+    if whole <= GMM_MAX_TILE:
+        return whole
+    for tile in range(GMM_MAX_TILE, GMM_TILE - 1, -GMM_TILE):
+        if dim % tile == 0:
+            return tile
+    return 512
 
 
 def gmm_tiling(k: int, n: int) -> tuple[int, int, int]:
     """megablox tiling (tm, tk, tn) for lhs `[m, k]` x rhs `[k, n]`.
 
     gmm re-reads an expert's weight tile for every row tile and the lhs for every column tile
-    (its cost estimate counts exactly that), so tiles of 128 x 128 x 128 make the weights the
-    bulk of the HBM traffic: 512-row tiles and one k/n tile as wide as both dims allow (a
-    multiple of 128, at most 512; the backward uses the same tiling with k and n swapped)
-    read them 4x less. Dims under 128 keep the 128-tile rule (min(128, dim) each).
+    (its cost estimate counts exactly that), so wide tiles cut the HBM traffic: each of k and
+    n in as few tiles as the VMEM allows (`_gmm_dim_tile`; the larger halved while tk x tn is
+    over GMM_MAX_TILE_AREA), rows in tiles of 1024. The backward runs with the same tiling,
+    k and n swapped. With a dim under 128 all tiles are 128. At the 0.91B expert shapes this
+    is (1024, 640, 896) for the fused up-projection 1280 -> 2 x 448 and (1024, 512, 640) for
+    448 -> 1280; with the fusion, 13.1 GB for the experts' forward and backward on one v5p
+    chip against 17.0 GB for separate w1 / w3 gmms in 512 x 384 x 384 tiles (AOT).
     """
-    smallest = min(k, n)
-    if smallest < GMM_TILE:
-        return GMM_TILE, min(GMM_TILE, k), min(GMM_TILE, n)
-    width = min(GMM_ROW_TILE, smallest // GMM_TILE * GMM_TILE)
-    return GMM_ROW_TILE, width, width
+    if min(k, n) < GMM_TILE:
+        # 128 x 128 even over a smaller dim: the backward swaps tk and tn, and Mosaic takes a
+        # block that is a multiple of 128 (megablox masks the ragged part) or the whole dim.
+        return GMM_TILE, GMM_TILE, GMM_TILE
+    tk, tn = _gmm_dim_tile(k), _gmm_dim_tile(n)
+    while tk * tn > GMM_MAX_TILE_AREA:
+        if tk >= tn:
+            tk = max(GMM_TILE, tk // 2 // GMM_TILE * GMM_TILE)
+        else:
+            tn = max(GMM_TILE, tn // 2 // GMM_TILE * GMM_TILE)
+    return GMM_MAX_TILE, tk, tn
 
 
-def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """The Pallas TPU grouped matmul JAX ships (megablox `gmm`, with its own backward)."""
+def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                     mask_rows: bool = True) -> jax.Array:
+    """The Pallas TPU grouped matmul JAX ships (megablox `gmm`, with its own backward).
+
+    gmm leaves rows outside every group undefined, in its output and in its backward's lhs
+    gradient; ragged_dot's contract is zeros for both. With `mask_rows` the input is masked as
+    well as the output, which gives those rows a zero gradient (the where's backward zeroes
+    them); without, the caller guarantees every row is in a group (or masks them itself).
+    """
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
     rows = lhs.shape[0]
-    # gmm leaves rows outside every group undefined, in its output and in its backward's lhs
-    # gradient; ragged_dot's contract is zeros for both. Masking the input as well as the
-    # output gives those rows a zero gradient (the where's backward zeroes them).
     in_a_group = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
-    lhs = jnp.where(in_a_group, lhs, jnp.zeros((), lhs.dtype))
+    if mask_rows:
+        lhs = jnp.where(in_a_group, lhs, jnp.zeros((), lhs.dtype))
     tiling = gmm_tiling(lhs.shape[1], rhs.shape[2])
     padded = -(-rows // tiling[0]) * tiling[0]  # gmm needs rows divisible by the row tile
     lhs = jnp.pad(lhs, ((0, padded - rows), (0, 0)))
     out = gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype, tiling=tiling)[:rows]
-    return jnp.where(in_a_group, out, jnp.zeros((), out.dtype))
+    return jnp.where(in_a_group, out, jnp.zeros((), out.dtype)) if mask_rows else out
+
+
+def _megablox_swiglu(sorted_x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                     group_sizes: jax.Array, all_rows_grouped: bool) -> jax.Array:
+    """SwiGLU experts on TPU: w1 and w3 as one gmm (`[E, d, 2f]`: the rows are read once,
+    not twice), then w2. Rows outside every group are masked once, at the input and the
+    output (what lies between only ever meets those rows' own garbage), and not at all when
+    `all_rows_grouped` (local dropless: every row has an expert)."""
+    hidden = w1.shape[2]
+    rows = sorted_x.shape[0]
+    in_a_group = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+    if not all_rows_grouped:
+        sorted_x = jnp.where(in_a_group, sorted_x, jnp.zeros((), sorted_x.dtype))
+    gate_and_up = _megablox_matmul(sorted_x, jnp.concatenate([w1, w3], axis=2), group_sizes,
+                                   mask_rows=False)
+    activation = nn.silu(gate_and_up[:, :hidden]) * gate_and_up[:, hidden:]
+    out = _megablox_matmul(activation, w2, group_sizes, mask_rows=False)
+    return out if all_rows_grouped else jnp.where(in_a_group, out, jnp.zeros((), out.dtype))
 
 
 MIN_BLOCK_ROWS = 64  # XLA:CPU multiplies thin tiles slowly (16 rows: ~3x the time per row of 64)
@@ -298,13 +342,27 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
                                       cpu=blocked_matmul, default=jax.lax.ragged_dot)
 
 
-def grouped_swiglu(sorted_x: jax.Array, experts: ExpertWeights, group_sizes: jax.Array) -> jax.Array:
+def _swiglu_from_matmuls(sorted_x, w1, w3, w2, group_sizes, matmul):
+    hidden = nn.silu(matmul(sorted_x, w1, group_sizes)) * matmul(sorted_x, w3, group_sizes)
+    return matmul(hidden, w2, group_sizes)
+
+
+def grouped_swiglu(sorted_x: jax.Array, experts: ExpertWeights, group_sizes: jax.Array,
+                   all_rows_grouped: bool = False) -> jax.Array:
     """SwiGLU experts over rows already sorted by expert: rows [start_e, start_e + size_e) use
-    expert e; rows past sum(group_sizes) give zeros. `[rows, d]` -> `[rows, d]`."""
+    expert e; rows past sum(group_sizes) give zeros. `[rows, d]` -> `[rows, d]`.
+
+    Per platform: megablox on TPU (`_megablox_swiglu`, w1 and w3 fused), the tile loop on CPU,
+    `ragged_dot` elsewhere (GPU). `all_rows_grouped` (sum(group_sizes) == rows, known
+    statically) lets the TPU branch skip its row masks.
+    """
     w1, w3, w2 = experts
-    hidden = nn.silu(grouped_matmul(sorted_x, w1, group_sizes)) * grouped_matmul(
-        sorted_x, w3, group_sizes)
-    return checkpoint_name(grouped_matmul(hidden, w2, group_sizes), "moe_expert_out")
+    tpu = functools.partial(_megablox_swiglu, all_rows_grouped=all_rows_grouped)
+    cpu = functools.partial(_swiglu_from_matmuls, matmul=blocked_matmul)
+    other = functools.partial(_swiglu_from_matmuls, matmul=jax.lax.ragged_dot)
+    out = jax.lax.platform_dependent(sorted_x, w1, w3, w2, group_sizes, tpu=tpu, cpu=cpu,
+                                     default=other)
+    return checkpoint_name(out, "moe_expert_out")
 
 
 def dropless_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
@@ -320,7 +378,7 @@ def dropless_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
     order = jnp.argsort(flat_expert, stable=True)
     sorted_x = jnp.take(x, order // top_k, axis=0)  # [N*k, d]
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-    sorted_out = grouped_swiglu(sorted_x, experts, group_sizes)
+    sorted_out = grouped_swiglu(sorted_x, experts, group_sizes, all_rows_grouped=True)
     out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)
     out = out.reshape(num_tokens, top_k, -1)
     return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))

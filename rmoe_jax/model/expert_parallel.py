@@ -23,7 +23,8 @@ keeps its old state and the loop re-runs the step with worst-case blocks
 (`drop`). On TPU and GPU the exchange is `jax.lax.ragged_all_to_all`, which moves only the
 filled rows; XLA:CPU has none, so there it is the same collective built from dense blocks
 (`ragged_exchange`). Unfilled rows of the owner's buffer carry the id E / X, outside every
-group, so the grouped matmul gives them zeros.
+group, so the grouped matmul gives them zeros. On a mesh without an `expert` axis (pure FSDP)
+each device runs the single-device dropless dispatch on its own tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rmoe_jax.model.dispatch import grouped_swiglu
+from rmoe_jax.model.dispatch import dropless_dispatch, grouped_swiglu
 from rmoe_jax.model.ragged_exchange import ragged_all_to_all
 from rmoe_jax.parallel import BATCH_AXES
 EXCHANGE_OVERFLOW = ("rerun", "drop")
@@ -123,6 +124,9 @@ def expert_parallel_dispatch(mesh: Mesh, x, weights, indices, experts, num_exper
     up, down = P("expert", None, "tensor"), P("expert", "tensor", None)
 
     def body(x, weights, indices, w1, w3, w2):
+        if expert_shards == 1:  # every device holds every expert: nothing to exchange
+            y = dropless_dispatch(x, weights, indices, (w1, w3, w2))
+            return jax.lax.psum(y, "tensor"), jnp.zeros((), jnp.int32)
         return _local_dispatch(x, weights, indices, w1, w3, w2, num_experts=num_experts,
                                expert_shards=expert_shards, block=block, axes=mesh.axis_names)
 

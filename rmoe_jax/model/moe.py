@@ -7,7 +7,6 @@ and `expert_parallel.py` (experts sharded over a mesh).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.ad_checkpoint import checkpoint_name
