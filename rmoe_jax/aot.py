@@ -42,10 +42,11 @@ _LOOP_COSTS = flags.DEFINE_bool(
     "unrolled compiles, see scaled_costs); off: XLA's numbers for the real step (loops once).")
 
 WORST_CASE_BUFFERS_NOTE = (
-    "Note: dropless expert parallelism sends fixed-size blocks, by default the exact worst case "
-    "(n x min(k, E / expert) rows per shard for n local tokens), and the compiled FLOPs/bytes "
-    "count them whole (megablox gmm's cost estimate is 2*m*k*n for the static m, though its "
-    "grid visits only the filled tiles); 'model TFLOPs/chip' is what the math needs. "
+    "Note: dropless expert parallelism receives into a buffer of expert x block rows, the "
+    "block by default the exact worst case (n x min(k, E / expert) rows per sender for n local "
+    "tokens). The ragged all-to-alls move only the filled rows, but the compiled FLOPs/bytes "
+    "count the buffers whole (megablox gmm's cost estimate is 2*m*k*n for the static m, though "
+    "its grid visits only the filled tiles); 'model TFLOPs/chip' is what the math needs. "
     "--config.model.moe.exchange_factor=1.25 sizes the blocks at 1.25x the balanced share "
     "(an overflowing step is re-run with worst-case blocks).")
 
