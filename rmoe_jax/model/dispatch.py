@@ -188,6 +188,13 @@ def gmm_tiling(k: int, n: int) -> tuple[int, int, int]:
     return GMM_MAX_TILE, tk, tn
 
 
+def _zero_ungrouped_rows(rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`[rows, ...]` with the rows past sum(group_sizes) (in no group) set to zero."""
+    in_a_group = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(in_a_group.reshape((-1,) + (1,) * (rows.ndim - 1)), rows,
+                     jnp.zeros((), rows.dtype))
+
+
 def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
                      mask_rows: bool = True) -> jax.Array:
     """The Pallas TPU grouped matmul JAX ships (megablox `gmm`, with its own backward).
@@ -200,14 +207,13 @@ def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
     rows = lhs.shape[0]
-    in_a_group = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
     if mask_rows:
-        lhs = jnp.where(in_a_group, lhs, jnp.zeros((), lhs.dtype))
+        lhs = _zero_ungrouped_rows(lhs, group_sizes)
     tiling = gmm_tiling(lhs.shape[1], rhs.shape[2])
     padded = -(-rows // tiling[0]) * tiling[0]  # gmm needs rows divisible by the row tile
     lhs = jnp.pad(lhs, ((0, padded - rows), (0, 0)))
     out = gmm(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype, tiling=tiling)[:rows]
-    return jnp.where(in_a_group, out, jnp.zeros((), out.dtype)) if mask_rows else out
+    return _zero_ungrouped_rows(out, group_sizes) if mask_rows else out
 
 
 def _megablox_swiglu(sorted_x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
@@ -217,15 +223,13 @@ def _megablox_swiglu(sorted_x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.
     output (what lies between only ever meets those rows' own garbage), and not at all when
     `all_rows_grouped` (local dropless: every row has an expert)."""
     hidden = w1.shape[2]
-    rows = sorted_x.shape[0]
-    in_a_group = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
     if not all_rows_grouped:
-        sorted_x = jnp.where(in_a_group, sorted_x, jnp.zeros((), sorted_x.dtype))
+        sorted_x = _zero_ungrouped_rows(sorted_x, group_sizes)
     gate_and_up = _megablox_matmul(sorted_x, jnp.concatenate([w1, w3], axis=2), group_sizes,
                                    mask_rows=False)
     activation = nn.silu(gate_and_up[:, :hidden]) * gate_and_up[:, hidden:]
     out = _megablox_matmul(activation, w2, group_sizes, mask_rows=False)
-    return out if all_rows_grouped else jnp.where(in_a_group, out, jnp.zeros((), out.dtype))
+    return out if all_rows_grouped else _zero_ungrouped_rows(out, group_sizes)
 
 
 MIN_BLOCK_ROWS = 64  # XLA:CPU multiplies thin tiles slowly (16 rows: ~3x the time per row of 64)

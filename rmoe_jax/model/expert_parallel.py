@@ -56,9 +56,10 @@ def exchange_plan(shard_counts, block: int, axis_name: str):
     """Offsets and sizes of both ragged exchanges, from every device's per-shard row counts.
 
     shard_counts `[X]` int32: this device's sorted rows bound for each expert shard. Returns
-    (there, back): each a dict of `input_offsets`, `send_sizes`, `output_offsets`,
-    `recv_sizes` (all `[X]` int32) for `ragged_all_to_all`, and `kept` `[X]` (rows sent, at most
-    `block` per shard). `back` returns each row to its place in the sender's sorted order.
+    (there, back, kept): `there` and `back` each a dict of `input_offsets`, `send_sizes`,
+    `output_offsets`, `recv_sizes` (all `[X]` int32) for `ragged_all_to_all`; `kept` `[X]` the
+    rows sent to each shard (at most `block`). `back` returns each row to its place in the
+    sender's sorted order.
     """
     me = jax.lax.axis_index(axis_name)
     kept = jnp.minimum(shard_counts, block)

@@ -39,7 +39,10 @@ def dense_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_o
     # Where sender j asked its rows to land here (its output_offsets entry for this device).
     landing = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
     arrived = slot[None, :] < recv_sizes[:, None]
-    target = jnp.where(arrived, landing[:, None] + slot[None, :], output.shape[0])  # past the end: dropped
+    # Rows that did not arrive get distinct indices past the end (dropped), so the indices are
+    # unique as the scatter is told.
+    past_end = output.shape[0] + jnp.arange(arrived.size, dtype=jnp.int32).reshape(arrived.shape)
+    target = jnp.where(arrived, landing[:, None] + slot[None, :], past_end)
     return output.at[target.reshape(-1)].set(
         received.reshape((-1,) + operand.shape[1:]), mode="drop", unique_indices=True)
 
