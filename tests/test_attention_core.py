@@ -75,3 +75,17 @@ def test_model_logits_do_not_depend_on_the_chunk():
         logits.append(model.apply({"params": params}, tokens)[0])
     for other in logits[1:]:
         np.testing.assert_allclose(other, logits[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_both_rotate_half_forms_equal_numpy_exactly(dtype):
+    """The TPU form (a signed-permutation matmul) and the CPU form (split and concatenate)
+    both give HF Llama's rotate_half, bit for bit: each output is one input times +-1."""
+    from rmoe_jax.model.transformer import _rotate_half, _rotate_half_matmul
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 3, 64), jnp.float32).astype(dtype)
+    x32 = np.asarray(x.astype(jnp.float32))
+    expected = np.concatenate([-x32[..., 32:], x32[..., :32]], axis=-1)
+    for form in (_rotate_half, _rotate_half_matmul):
+        got = np.asarray(form(x))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected, err_msg=form.__name__)

@@ -29,6 +29,48 @@ def test_top_k_gating_matches_numpy():
     np.testing.assert_allclose(raw, expected_w, rtol=1e-5)
 
 
+def _numpy_top_k_weights(logits: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The renormalised softmax probabilities of the chosen experts, float64."""
+    chosen = np.take_along_axis(ref.softmax(logits), indices, axis=-1)
+    return chosen / chosen.sum(-1, keepdims=True)
+
+
+def test_top_k_weights_gradient_matches_finite_differences():
+    """d(sum c * weights) / d logits, against central differences of the NumPy weights with the
+    experts held fixed (they are piecewise constant), with and without renormalisation."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(6, E)) * 2
+    cotangent = rng.normal(size=(6, K))
+    _, _, indices = gating.top_k_gating(jnp.asarray(logits, jnp.float32), K)
+    indices = np.asarray(indices)
+    for renormalize in (True, False):
+        def numpy_objective(z):
+            chosen = np.take_along_axis(ref.softmax(z), indices, axis=-1)
+            if renormalize:
+                chosen = chosen / chosen.sum(-1, keepdims=True)
+            return np.sum(cotangent * chosen)
+
+        grad = jax.grad(lambda z: jnp.sum(jnp.asarray(cotangent, jnp.float32) * gating.top_k_gating(
+            z, K, renormalize)[1]))(jnp.asarray(logits, jnp.float32))
+        expected = np.zeros_like(logits)
+        step = 1e-5
+        for position in np.ndindex(*logits.shape):
+            bump = np.zeros_like(logits)
+            bump[position] = step
+            expected[position] = (numpy_objective(logits + bump) - numpy_objective(logits - bump)) / (2 * step)
+        np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gating.top_k_gating(jnp.asarray(logits, jnp.float32), K)[1],
+                               _numpy_top_k_weights(logits, indices), rtol=1e-5)
+
+
+def test_count_per_value_matches_bincount():
+    ids = np.random.default_rng(3).integers(-2, 9, size=(40, 3))
+    counts = gating.count_per_value(jnp.asarray(ids, jnp.int32), 7)
+    assert counts.dtype == jnp.int32 and counts.shape == (7,)
+    in_range = ids[(ids >= 0) & (ids < 7)]
+    np.testing.assert_array_equal(counts, np.bincount(in_range, minlength=7))
+
+
 def test_load_balance_and_z_loss_match_numpy():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(11, E)).astype(np.float32)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from rmoe_jax.model import gating
 from rmoe_jax.parallel import constrain
 
 EXPERT_BUFFER_AXES = ("expert", "expert_group", None, None)  # [E, groups, capacity, d]
@@ -381,7 +382,7 @@ def dropless_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
     flat_expert = indices.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
     sorted_x = jnp.take(x, order // top_k, axis=0)  # [N*k, d]
-    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    group_sizes = gating.count_per_value(flat_expert, num_experts)
     sorted_out = grouped_swiglu(sorted_x, experts, group_sizes, all_rows_grouped=True)
     out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)
     out = out.reshape(num_tokens, top_k, -1)

@@ -18,16 +18,30 @@ def top_k_gating(logits: jax.Array, top_k: int, renormalize: bool = True
     With `renormalize` the k weights sum to 1 (Mixtral style).
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, indices = jax.lax.top_k(probs, top_k)
+    _, indices = jax.lax.top_k(probs, top_k)
+    # The k probabilities picked out by a one-hot select-and-sum rather than top_k's own values:
+    # the same numbers (one non-zero term per sum), but top_k's gradient is a scatter into
+    # [N * E], which TPU serialises (XLA costs it at 21.6 GB for the 0.91B model's 20,480
+    # tokens per chip, against 18 MB for this form's gradient, one fused compare-select).
+    chosen = indices[..., None] == jnp.arange(probs.shape[-1])  # [N, k, E]
+    weights = jnp.sum(jnp.where(chosen, probs[..., None, :], 0.0), axis=-1)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return probs, weights, indices.astype(jnp.int32)
 
 
+def count_per_value(ids: jax.Array, length: int) -> jax.Array:
+    """How many entries of `ids` (ints, any shape) equal each of 0 .. length - 1: `[length]`
+    int32; other values are not counted (`jnp.bincount(ids, length=length)` for ids in
+    range). A one-hot compare-and-sum, not bincount's scatter-add: TPU serialises scatters
+    (XLA costs one over the 81,920 routing slots of a 0.91B chip at 0.7 GB, this at 0.3 MB)."""
+    one_hot = ids.reshape(-1, 1) == jnp.arange(length, dtype=ids.dtype)
+    return jnp.sum(one_hot, axis=0, dtype=jnp.int32)
+
+
 def expert_fractions(indices: jax.Array, num_experts: int) -> jax.Array:
     """f_e: fraction of the N*k routing slots that go to expert e. `[N, k]` -> `[E]`."""
-    counts = jnp.zeros((num_experts,), jnp.float32).at[indices.reshape(-1)].add(1.0)
-    return counts / indices.size
+    return count_per_value(indices, num_experts).astype(jnp.float32) / indices.size
 
 
 def load_balance_loss(fractions: jax.Array, mean_probs: jax.Array) -> jax.Array:

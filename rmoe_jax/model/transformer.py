@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from rmoe_jax.model import gating
 from rmoe_jax.model.attention_core import SPLASH_RESIDUALS, causal_attention
@@ -59,8 +60,31 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+def _rotate_half(x: jax.Array) -> jax.Array:
+    """`[..., head_dim]` -> float32 `concat(-x[..., half:], x[..., :half])`."""
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([-second, first], axis=-1)
+
+
+def _rotate_half_matmul(x: jax.Array) -> jax.Array:
+    """`_rotate_half` as a product with the signed permutation matrix (exact: each output is
+    one input times +-1). On TPU the split and concatenate of a 64-wide head dim (half a
+    128-lane tile) make XLA write float32 copies of q and k in every pass; as a matmul the
+    rotation fuses into one pass: 20.7 against 24.5 GB per layer at the 0.91B shape on a v5p
+    chip (forward and backward, AOT)."""
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    rotation = np.zeros((head_dim, head_dim), np.float32)
+    rotation[np.arange(half) + half, np.arange(half)] = -1.0  # out[j < half] = -x[j + half]
+    rotation[np.arange(half), np.arange(half) + half] = 1.0  # out[j >= half] = x[j - half]
+    # HIGHEST keeps float32 inputs exact (TPU's default rounds matmul inputs to bfloat16).
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.einsum("...d,de->...e", x, jnp.asarray(rotation, x.dtype),
+                      precision=precision, preferred_element_type=jnp.float32)
+
+
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """RoPE in HF Llama's `rotate_half` layout (pairs dim j with j + head_dim/2).
+    """RoPE in HF Llama's `rotate_half` layout (pairs dim j with j + head_dim/2), in float32.
 
     Args: x `[batch, seq, heads, head_dim]`, positions `[batch, seq]` int.
     """
@@ -68,8 +92,7 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, s, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([-second, first], axis=-1)
+    rotated = jax.lax.platform_dependent(x, tpu=_rotate_half_matmul, default=_rotate_half)
     return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
