@@ -171,3 +171,13 @@ def active_mesh():
     if mesh.empty or "expert" not in mesh.axis_names:
         return None
     return mesh
+
+
+def rule_mesh_axes(mesh, logical_name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh axes, of size > 1, that the active logical-axis rules map `logical_name` to
+    (`default` when no rules are active): how a shard_map around a Pallas kernel splits rows
+    the way the surrounding jit shards them."""
+    rules = nn.get_logical_axis_rules()
+    axes = nn.logical_to_mesh_axes((logical_name,), rules)[0] if rules else default
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)

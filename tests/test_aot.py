@@ -189,18 +189,21 @@ def test_tiny_train_step_compiles_for_tpu(topology, dispatch):
 
 
 @needs_libtpu
-def test_splash_attention_in_the_tpu_train_step():
-    """Where its shapes fit (seq a multiple of 128), attention on TPU is the Pallas splash
-    kernel: forward (with residuals) and both backward kernels are Mosaic custom calls."""
+def test_pallas_kernels_in_the_tpu_train_step():
+    """Where their shapes fit, attention (seq a multiple of 128) and the RMoE router's GRU
+    (hidden size a multiple of 128) are Pallas kernels on TPU: splash's forward (with
+    residuals) and both backward kernels, the GRU's forward and backward, all Mosaic custom
+    calls, under a 4-chip expert mesh (the GRU's shard_map over the token rows)."""
     from rmoe_jax import parallel
 
     config = small_config("capacity", **{"model.d_model": 128, "model.max_seq_len": 128,
-                                         "data.seq_len": 128})  # 2 heads of 64, one 128-block
+                                         "data.seq_len": 128,  # 2 heads of 64, one 128-block
+                                         "model.router.hidden_size": 128})
     mesh = parallel.make_mesh(config.mesh, topology_devices("v5p:2x2x1"))
     text = aot._compile_one(config, mesh, "train").as_text()
-    assert "tpu_custom_call" in text  # capacity dispatch: no megablox gmm, so only splash's
+    assert "tpu_custom_call" in text  # capacity dispatch: no megablox gmm
     for kernel in ("splash_mha_fwd_residuals", "splash_mha_dq_no_residuals",
-                   "splash_mha_dkv_no_residuals"):
+                   "splash_mha_dkv_no_residuals", "rmoe_gru_forward", "rmoe_gru_backward"):
         assert kernel in text
 
 

@@ -126,3 +126,33 @@ def test_shared_cell_gets_gradient_from_every_layer():
         grads = jax.grad(lambda sp: jnp.sum(fn(layer_params, sp)[layer] ** 2))(shared_params)
         cell_grad = grads["params"]["cell"]["input_kernel"]
         assert float(jnp.abs(cell_grad).max()) > 1e-6, layer
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "save_moe", "save_moe_attention"])
+def test_every_remat_policy_keeps_the_router_state(policy, capsys):
+    """Under each remat policy the backward reuses the router's new state `[tokens, p]` (and,
+    where no dot is saved, its cell input x') instead of rerunning the cell (on TPU a Pallas
+    call, which no dot policy would save) and the projector."""
+    from rmoe_jax.model.transformer import REMAT_POLICIES
+
+    cfg = small_model("recurrent")
+    router = RecurrentRouter(cfg.router, cfg.moe.num_experts)
+    shared_module = SharedRouterParams(cfg.router, cfg.d_model)
+    tokens, width = 6, cfg.router.hidden_size
+    x = jax.random.normal(jax.random.key(1), (tokens, cfg.d_model))
+    state0 = jax.random.normal(jax.random.key(2), (tokens, width))
+    shared = shared_module.apply(shared_module.init(jax.random.key(3)))
+    params = router.init(jax.random.key(4), x, state0, shared)
+
+    def objective(params, x, state):
+        logits, new_state = router.apply(params, x, state, shared)
+        return jnp.sum(jnp.tanh(logits)) + jnp.sum(new_state ** 2)
+
+    remat = jax.checkpoint(objective, policy=REMAT_POLICIES[policy])
+    jax.ad_checkpoint.print_saved_residuals(remat, params, x, state0)
+    named = [line for line in capsys.readouterr().out.splitlines() if "named '" in line]
+    names = sorted(line.split("named ")[1].split()[0].strip("'") for line in named)
+    # The dot policies save x' by what it is, a matmul output, or its consumers' outputs.
+    assert names == (["router_state"] if policy.startswith("dots") else
+                     ["router_cell_input", "router_state"])
+    assert all(line.startswith(f"f32[{tokens},{width}]") for line in named)

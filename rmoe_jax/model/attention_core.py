@@ -105,19 +105,11 @@ def _local_splash(query: jax.Array, key: jax.Array, value: jax.Array, *, interpr
 def _mesh_specs(mesh, batch: int, heads: int, kv_heads: int):
     """Mesh axes of the batch and the heads for the shard_map: the `batch` / `heads` rules'
     axes (defaults: BATCH_AXES, `tensor`); heads stay whole unless both head counts divide."""
-    import flax.linen as nn
+    from rmoe_jax.parallel import BATCH_AXES, rule_mesh_axes
 
-    from rmoe_jax.parallel import BATCH_AXES
-
-    def axes_of(name, default):
-        rules = nn.get_logical_axis_rules()
-        axes = nn.logical_to_mesh_axes((name,), rules)[0] if rules else default
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-
-    batch_axes = axes_of("batch", BATCH_AXES)
-    head_axes = axes_of("heads", ("tensor",))
-    if head_axes != axes_of("kv_heads", ("tensor",)) or set(head_axes) & set(batch_axes):
+    batch_axes = rule_mesh_axes(mesh, "batch", BATCH_AXES)
+    head_axes = rule_mesh_axes(mesh, "heads", ("tensor",))
+    if head_axes != rule_mesh_axes(mesh, "kv_heads", ("tensor",)) or set(head_axes) & set(batch_axes):
         head_axes = ()
     head_shards = math.prod(mesh.shape[a] for a in head_axes)
     if heads % head_shards or kv_heads % head_shards:

@@ -21,10 +21,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
 from rmoe_jax.model import recurrent
 
 FROZEN_PREFIX = "frozen"
+# The recurrent router's cell input x' and new state h (`[tokens, p]` float32 each): every remat
+# policy keeps them (`transformer.REMAT_POLICIES`), since redoing the projector and the cell
+# moves several times their size and they are small next to a layer's activations.
+ROUTER_RESIDUALS = ("router_cell_input", "router_state")
 MAX_LOGIT_SCALE = math.log(100.0)  # cap the learnable inverse temperature, as CLIP does
 
 
@@ -210,11 +215,13 @@ class RecurrentRouter(nn.Module):
         else:
             projected = dense(cfg.hidden_size, cfg.projector_bias, cfg.init, self.init_std,
                               x.shape[-1], "projector")(x)
+        projected = checkpoint_name(projected, ROUTER_RESIDUALS[0])
         previous = router_state
         if cfg.detach:
             previous = jax.lax.stop_gradient(previous)
         cell_input_state = jnp.zeros_like(previous) if cfg.no_recurrence else previous
-        state = recurrent.STEPS[cfg.cell](shared["cell"], projected, cell_input_state)
+        state = recurrent.router_step(cfg.cell)(shared["cell"], projected, cell_input_state)
+        state = checkpoint_name(state, ROUTER_RESIDUALS[1])
 
         head = self._head()
         logits = head(recurrent.output_of(cfg.cell, state))

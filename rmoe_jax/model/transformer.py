@@ -25,23 +25,29 @@ import numpy as np
 from rmoe_jax.model import gating
 from rmoe_jax.model.attention_core import SPLASH_RESIDUALS, causal_attention
 from rmoe_jax.model.moe import MoEBlock
-from rmoe_jax.model.routers import SharedRouterParams, router_state_size
+from rmoe_jax.model.routers import ROUTER_RESIDUALS, SharedRouterParams, router_state_size
 from rmoe_jax.parallel import constrain
 
 ACTIVATION_AXES = ("batch", None, None)  # [batch, seq, d_model]
 
-_SAVE_SPLASH = jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS)
+_names = jax.checkpoint_policies.save_only_these_names
+_either = jax.checkpoint_policies.save_from_both_policies
+# Every policy keeps the recurrent router's x' and state (ROUTER_RESIDUALS: 2 x [tokens, p]
+# float32, ~20 MB per layer at 20,480 tokens and p = 128); redoing the projector and the cell
+# instead moves ~5x that, and the cell on TPU is a Pallas call, which no dot policy saves.
+# Stateless routers have no such values, so for them each policy is what its name says.
 REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "full": _names(*ROUTER_RESIDUALS),  # recompute the whole layer but the router state
     # Matmul outputs; on TPU also the splash kernel's output and logsumexp (a Pallas call is
     # not a dot, so without its name the backward would rerun the attention forward).
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots, _SAVE_SPLASH),
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_moe": jax.checkpoint_policies.save_only_these_names("moe_expert_out", "router_logits"),
+    "dots": _either(jax.checkpoint_policies.checkpoint_dots,
+                    _names(SPLASH_RESIDUALS, *ROUTER_RESIDUALS)),
+    "dots_no_batch": _either(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                             _names(*ROUTER_RESIDUALS)),
+    "save_moe": _names("moe_expert_out", "router_logits", *ROUTER_RESIDUALS),
     # save_moe plus the splash residuals (TPU): recompute everything but attention and experts.
-    "save_moe_attention": jax.checkpoint_policies.save_only_these_names(
-        "moe_expert_out", "router_logits", SPLASH_RESIDUALS),
+    "save_moe_attention": _names("moe_expert_out", "router_logits", SPLASH_RESIDUALS,
+                                 *ROUTER_RESIDUALS),
 }
 
 
