@@ -26,9 +26,8 @@ from jax.ad_checkpoint import checkpoint_name
 from rmoe_jax.model import recurrent
 
 FROZEN_PREFIX = "frozen"
-# The recurrent router's cell input x' and new state h (`[tokens, p]` float32 each): every remat
-# policy keeps them (`transformer.REMAT_POLICIES`), since redoing the projector and the cell
-# moves several times their size and they are small next to a layer's activations.
+# The recurrent router's cell input x' and new state h, which every remat policy keeps (why:
+# `transformer.REMAT_POLICIES`).
 ROUTER_RESIDUALS = ("router_cell_input", "router_state")
 MAX_LOGIT_SCALE = math.log(100.0)  # cap the learnable inverse temperature, as CLIP does
 
