@@ -58,8 +58,8 @@ def get_config(source: str = "c4"):
     model.init_std = 0.02
     model.dtype = "bfloat16"
     model.param_dtype = "float32"
-    # `full` fits both 32-chip slices (29 GiB per chip); on v5p `dots` is 4.6% faster by the AOT
-    # roofline (1.794 against 1.881 s) but needs 54 GiB, more than a v6e chip has.
+    # `full` fits both 32-chip slices (30 GiB per chip); `dots` needs 54 GiB, more than a v6e
+    # chip has (its v5p roofline: README, "0.91B on 32 chips").
     model.remat_policy = "full"
     # One fused XLA attention per layer (the TPU tables in the README were compiled so);
     # chunking (e.g. 512) skips most of the causal mask's masked half at seq 4096.
