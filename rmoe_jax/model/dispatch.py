@@ -35,6 +35,14 @@ GROUP_BUFFER_AXES = ("batch", None, None, None)  # [groups, E, capacity, d]: bac
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # w1 [E,d,f], w3 [E,d,f], w2 [E,f,d]
 
 
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """`x[rows]` along axis 0 (`[n, ...]`, rows `[m]` -> `[m, ...]`) for row indices the caller
+    guarantees in bounds (a permutation, a slot clamped to the buffer). jnp.take's default
+    mode fills out-of-bounds rows, which on TPU is a second pass over every gathered row (a
+    select writing [tokens * k, d] again); `clip` is XLA's own gather, which clamps."""
+    return jnp.take(x, rows, axis=0, mode="clip")
+
+
 def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Slots per expert per group of `group_size` tokens."""
     return max(1, math.ceil(top_k * group_size * capacity_factor / num_experts))
@@ -98,7 +106,7 @@ def capacity_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
     position, kept, source, filled = capacity_slots(indices, num_experts, capacity)
     # Dispatch: slot (e, c) of group g gathers its token's row (zeros in the unfilled slots).
     # The gathers are batched over groups, so under a mesh they stay on the groups' shards.
-    rows = jax.vmap(lambda xg, src: jnp.take(xg, src, axis=0))(x, source.reshape(num_groups, -1))
+    rows = jax.vmap(take_rows)(x, source.reshape(num_groups, -1))
     rows = jnp.where(filled.reshape(num_groups, -1, 1), rows, jnp.zeros((), x.dtype))
     expert_in = rows.reshape(num_groups, num_experts, capacity, -1).transpose(1, 0, 2, 3)
     # Under a mesh these constraints move tokens to their experts' shards (an all-to-all) and back.
@@ -108,7 +116,7 @@ def capacity_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
     # Combine: each kept (token, choice) gathers its slot's row; dropped ones read a clamped
     # slot and are zeroed by the where (whose backward gives that slot a zero gradient).
     flat_slot = indices.astype(jnp.int32) * capacity + jnp.minimum(position, capacity - 1)
-    out_rows = jax.vmap(lambda out, fs: jnp.take(out, fs, axis=0))(
+    out_rows = jax.vmap(take_rows)(
         expert_out.reshape(num_groups, num_experts * capacity, -1),
         flat_slot.reshape(num_groups, -1)).reshape(num_groups, group_size, top_k, -1)
     out_rows = jnp.where(kept[..., None], out_rows, jnp.zeros((), out_rows.dtype))
@@ -381,7 +389,7 @@ def dropless_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
     num_experts = w1.shape[0]
     flat_expert = indices.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
-    sorted_x = jnp.take(x, order // top_k, axis=0)  # [N*k, d]
+    sorted_x = take_rows(x, order // top_k)  # [N*k, d]
     group_sizes = gating.count_per_value(flat_expert, num_experts)
     sorted_out = grouped_swiglu(sorted_x, experts, group_sizes, all_rows_grouped=True)
     out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from rmoe_jax.model import gating
-from rmoe_jax.model.dispatch import dropless_dispatch, grouped_swiglu
+from rmoe_jax.model.dispatch import dropless_dispatch, grouped_swiglu, take_rows
 from rmoe_jax.model.ragged_exchange import ragged_all_to_all
 from rmoe_jax.parallel import BATCH_AXES
 EXCHANGE_OVERFLOW = ("rerun", "drop")
@@ -85,7 +85,7 @@ def _local_dispatch(x, weights, indices, w1, w3, w2, *, num_experts: int, expert
     flat_expert = indices.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
     sorted_expert = flat_expert[order]
-    sorted_x = jnp.take(x, order // top_k, axis=0)  # [n*k, d]
+    sorted_x = take_rows(x, order // top_k)  # [n*k, d]
     shard_counts = gating.count_per_value(sorted_expert // local_experts, expert_shards)
     there, back, kept = exchange_plan(shard_counts, block, "expert")
     capacity = expert_shards * block
@@ -97,7 +97,7 @@ def _local_dispatch(x, weights, indices, w1, w3, w2, *, num_experts: int, expert
                             jnp.full((capacity,), local_experts, jnp.int32), there)
     owner_order = jnp.argsort(received_ids, stable=True)
     group_sizes = gating.count_per_value(received_ids, local_experts)
-    owner_in = jnp.take(received, owner_order, axis=0)
+    owner_in = take_rows(received, owner_order)
     owner_out = grouped_swiglu(owner_in, (w1, w3, w2), group_sizes)
     owner_out = jax.lax.psum(owner_out, "tensor")  # FFN-dim shards each hold a partial sum
     owner_rows = jnp.zeros_like(owner_out).at[owner_order].set(owner_out, unique_indices=True)
