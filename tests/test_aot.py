@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -252,3 +253,28 @@ def test_tpu_gating_gradient_has_no_scatter():
     text = jax.jit(jax.grad(objective)).lower(logits).compile().as_text()
     # The opcode, as in `f32[32768]{0} scatter(...)`; names and metadata may say "scatter".
     assert not re.search(r"\sscatter\(", text)
+
+
+@needs_libtpu
+def test_tpu_row_gather_has_no_fill_select():
+    """The dispatch's row gathers (`dispatch.take_rows`: sorted rows, capacity slots) compile
+    to XLA's gather alone on TPU, forward and backward: jnp.take's default fill mode adds a
+    select over every gathered `[rows, d]` (a second pass over the rows)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from rmoe_jax.model import dispatch
+
+    def objective(x, order):
+        return jnp.sum(dispatch.take_rows(x, order // 4).astype(jnp.float32) ** 2)
+
+    device = SingleDeviceSharding(topology_devices("v5p:2x2x1")[0])
+    x = jax.ShapeDtypeStruct((2048, 256), jnp.bfloat16, sharding=device)
+    order = jax.ShapeDtypeStruct((8192,), jnp.int32, sharding=device)
+    text = jax.jit(jax.grad(objective)).lower(x, order).compile().as_text()
+    assert " gather(" in text
+    assert not re.search(r"\[8192,256\]\S* select\(", text)
+    # And the rows are those of NumPy indexing (in-bounds indices; CPU).
+    values = np.arange(12.0, dtype=np.float32).reshape(6, 2)
+    rows = np.array([5, 0, 0, 3], np.int32)
+    np.testing.assert_array_equal(np.asarray(dispatch.take_rows(jnp.asarray(values), jnp.asarray(rows))),
+                                  values[rows])
