@@ -58,8 +58,9 @@ def get_config(source: str = "c4"):
     model.init_std = 0.02
     model.dtype = "bfloat16"
     model.param_dtype = "float32"
-    # `full`: the shortest roofline measured on v5p (1.800 s; `dots` 1.957 s at 53 GiB, more than
-    # a v6e chip has) and it fits both 32-chip slices (30 GiB per chip; README, "0.91B on 32 chips").
+    # `full`: the shortest v5p roofline measured (1.800 s against `dots`' 1.957 s from one tree;
+    # dots needs 53 GiB, more than a v6e chip has); it fits both 32-chip slices (30 GiB per chip;
+    # README, "0.91B on 32 chips").
     model.remat_policy = "full"
     # One fused XLA attention per layer (the TPU tables in the README were compiled so);
     # chunking (e.g. 512) skips most of the causal mask's masked half at seq 4096.
