@@ -208,6 +208,8 @@ def scaled_costs(config, mesh, name: str) -> tuple[float, float]:
       S(l)  the train step (or eval / decode step) of l layers, batch = one micro-batch;
       G(l)  the same train step with an identity optimizer: the gradient of one micro-batch
             (what the accumulation loop runs k times) plus one param-sized add.
+    Fully unrolled, remat keeps its CSE barriers (`transformer._layer_stack`), so XLA cannot
+    fold the recomputation into the forward, which the real step's separate loops rule out too.
     Every per-layer cost is the same, so X(L) = X(1) + (L - 1) * (X(2) - X(1)) is exact for
     L layers from the two small compiles; then train = S(L) + (k - 1) * G(L).
     """

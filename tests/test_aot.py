@@ -219,13 +219,12 @@ def test_loop_costs_keep_the_recomputation_on_tpu():
     from rmoe_jax import parallel
 
     layers = 3
-    mesh = None
     costs = {}
     for policy in ("none", "full"):
         config = small_config("dropless", **{"mesh.expert": 1, "mesh.fsdp": -1,
                                              "model.num_layers": layers, "model.remat_policy": policy,
                                              "model.router.name": "linear"})
-        mesh = mesh or parallel.make_mesh(config.mesh, topology_devices("v5p:2x2x1"))
+        mesh = parallel.make_mesh(config.mesh, topology_devices("v5p:2x2x1"))
         looped = aot._costs(aot._compile_one(config, mesh, "train"))[0]
         costs[policy] = (aot.scaled_costs(config, mesh, "train")[0], looped)
     one_layer_recompute = costs["full"][1] - costs["none"][1]
