@@ -101,8 +101,9 @@ def swiglu(x, w1, w3, w2):
 
 
 def numpy_exchange(x, weights, indices, experts, *, devices, expert_shards, block):
-    """The bounded exchange from its definition: each device's rows sorted by expert (then by
-    token and slot), a shard's block keeps its first `block` rows; -> (y, dropped rows)."""
+    """The bounded exchange from its definition: each device's rows sorted by expert, then by
+    slot (every first choice before any second choice), then by token; a shard's block keeps
+    its first `block` rows; -> (y, dropped rows)."""
     w1, w3, w2 = (np.asarray(w, np.float64) for w in experts)
     num_experts = w1.shape[0]
     local_experts = num_experts // expert_shards
@@ -110,11 +111,11 @@ def numpy_exchange(x, weights, indices, experts, *, devices, expert_shards, bloc
     y = np.zeros(x.shape, np.float64)
     dropped = 0
     for device in range(devices):
-        rows = [(int(indices[t, s]), t, s) for t in range(device * n, (device + 1) * n)
+        rows = [(int(indices[t, s]), s, t) for t in range(device * n, (device + 1) * n)
                 for s in range(indices.shape[1])]
         rows.sort()
         filled = [0] * expert_shards
-        for expert, t, s in rows:
+        for expert, s, t in rows:
             shard = expert // local_experts
             if filled[shard] < block:
                 filled[shard] += 1
@@ -142,9 +143,13 @@ def test_forced_routing_drops_what_numpy_counts(factor):
     x = rng.normal(size=(tokens, d)).astype(np.float32)
     weights = rng.uniform(0.1, 1.0, size=(tokens, k)).astype(np.float32)
     # Three quarters of the tokens pick experts 0 and 1, both on shard 0; the rest are random.
+    # A device's first four tokens pick (0, 1), its last four (1, 0): expert 1's run then holds
+    # second choices of earlier tokens and first choices of later ones, so which of its rows a
+    # full block keeps depends on the drop order (first choices first).
     indices = np.stack([rng.choice(8, size=k, replace=False) for _ in range(tokens)]).astype(np.int32)
     skewed = rng.random(tokens) < 0.75
-    indices[skewed] = [0, 1]
+    later = (np.arange(tokens) % (tokens // 8) >= tokens // 16)[:, None]
+    indices[skewed] = np.where(later, [1, 0], [0, 1])[skewed]
     experts = [rng.normal(size=s).astype(np.float32) * 0.3 for s in ((8, d, f), (8, d, f), (8, f, d))]
     y, dropped = run_dispatch(mesh, x, weights, indices, experts, factor)
     block = exchange_block_rows(tokens // 8, k, 8, 4, factor)

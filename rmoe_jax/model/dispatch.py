@@ -9,7 +9,7 @@ Experts are stacked arrays (`w1`, `w3`: `[E, d, f]`, `w2`: `[E, f, d]`); no per-
             the experts run on it densely and each (token, choice) gathers its row back. No
             `[S, E, C]` one-hot tensors; `capacity_dispatch_einsum` (GShard one-hot
             dispatch/combine einsums) is kept only as the reference the tests pin it to.
-  dropless  sort the N*k (token, expert) assignments by expert, grouped matmuls
+  dropless  sort the k*N (token, expert) assignments by expert, grouped matmuls
             (`grouped_matmul`: megablox on TPU, a tile loop on CPU, `ragged_dot` on GPU),
             unsort. Nothing is dropped.
 With a capacity large enough to drop nothing both give the same outputs and gradients.
@@ -73,8 +73,8 @@ def capacity_slots(indices: jax.Array, num_experts: int, capacity: int):
     if num_experts * n >= 2**31:
         raise ValueError(f"capacity dispatch: {num_experts} experts x {n} assignments per group "
                          "overflow the int32 sort keys")
-    slot_major = indices.astype(jnp.int32).transpose(0, 2, 1).reshape(num_groups, n)
-    keys = jnp.sort(slot_major * n + jnp.arange(n, dtype=jnp.int32), axis=-1)  # [G, n]
+    experts_slot_major = indices.astype(jnp.int32).transpose(0, 2, 1).reshape(num_groups, n)
+    keys = jnp.sort(experts_slot_major * n + jnp.arange(n, dtype=jnp.int32), axis=-1)  # [G, n]
     order = keys % n  # order[i]: the slot-major assignment at sorted position i
     sorted_expert = keys // n
     # starts[e]: sorted position of expert e's first assignment; ends[e] = starts[e + 1].
@@ -137,8 +137,8 @@ def capacity_dispatch_einsum(x: jax.Array, weights: jax.Array, indices: jax.Arra
     num_experts = w1.shape[0]
     expert_mask = jax.nn.one_hot(indices, num_experts, dtype=jnp.int32)  # [G,S,k,E]
     # Slot-major order: every token's first choice is served before any second choice.
-    slot_major = expert_mask.transpose(0, 2, 1, 3).reshape(num_groups, top_k * group_size, -1)
-    position = (jnp.cumsum(slot_major, axis=1) - 1) * slot_major
+    mask_slot_major = expert_mask.transpose(0, 2, 1, 3).reshape(num_groups, top_k * group_size, -1)
+    position = (jnp.cumsum(mask_slot_major, axis=1) - 1) * mask_slot_major
     position = position.reshape(num_groups, top_k, group_size, -1).transpose(0, 2, 1, 3).sum(-1)
     kept = position < capacity  # [G,S,k]
     slot = jax.nn.one_hot(position, capacity, dtype=x.dtype) * kept[..., None].astype(x.dtype)
@@ -226,19 +226,19 @@ def _megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
 
 
 def _megablox_swiglu(sorted_x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                     group_sizes: jax.Array, all_rows_grouped: bool) -> jax.Array:
+                     group_sizes: jax.Array, mask_rows: bool) -> jax.Array:
     """SwiGLU experts on TPU: w1 and w3 as one gmm (`[E, d, 2f]`: the rows are read once,
-    not twice), then w2. Rows outside every group are masked once, at the input and the
-    output (what lies between only ever meets those rows' own garbage), and not at all when
-    `all_rows_grouped` (local dropless: every row has an expert)."""
+    not twice), then w2. With `mask_rows`, rows outside every group are masked once, at the
+    input and the output (what lies between only ever meets those rows' own garbage);
+    without, they are left undefined (see `grouped_swiglu`)."""
     hidden = w1.shape[2]
-    if not all_rows_grouped:
+    if mask_rows:
         sorted_x = _zero_ungrouped_rows(sorted_x, group_sizes)
     gate_and_up = _megablox_matmul(sorted_x, jnp.concatenate([w1, w3], axis=2), group_sizes,
                                    mask_rows=False)
     activation = nn.silu(gate_and_up[:, :hidden]) * gate_and_up[:, hidden:]
     out = _megablox_matmul(activation, w2, group_sizes, mask_rows=False)
-    return out if all_rows_grouped else _zero_ungrouped_rows(out, group_sizes)
+    return _zero_ungrouped_rows(out, group_sizes) if mask_rows else out
 
 
 MIN_BLOCK_ROWS = 64  # XLA:CPU multiplies thin tiles slowly (16 rows: ~3x the time per row of 64)
@@ -361,16 +361,18 @@ def _swiglu_from_matmuls(sorted_x, w1, w3, w2, group_sizes, matmul):
 
 
 def grouped_swiglu(sorted_x: jax.Array, experts: ExpertWeights, group_sizes: jax.Array,
-                   all_rows_grouped: bool = False) -> jax.Array:
+                   mask_rows: bool = True) -> jax.Array:
     """SwiGLU experts over rows already sorted by expert: rows [start_e, start_e + size_e) use
     expert e; rows past sum(group_sizes) give zeros. `[rows, d]` -> `[rows, d]`.
 
     Per platform: megablox on TPU (`_megablox_swiglu`, w1 and w3 fused), the tile loop on CPU,
-    `ragged_dot` elsewhere (GPU). `all_rows_grouped` (sum(group_sizes) == rows, known
-    statically) lets the TPU branch skip its row masks.
+    `ragged_dot` elsewhere (GPU). `mask_rows=False` is for a caller that never reads the rows
+    past the groups, nor their gradient (local dropless has none; the expert-parallel owner
+    never sends them back): the TPU branch then skips its two masks, each a pass over every
+    row, and leaves those rows undefined.
     """
     w1, w3, w2 = experts
-    tpu = functools.partial(_megablox_swiglu, all_rows_grouped=all_rows_grouped)
+    tpu = functools.partial(_megablox_swiglu, mask_rows=mask_rows)
     cpu = functools.partial(_swiglu_from_matmuls, matmul=blocked_matmul)
     other = functools.partial(_swiglu_from_matmuls, matmul=jax.lax.ragged_dot)
     out = jax.lax.platform_dependent(sorted_x, w1, w3, w2, group_sizes, tpu=tpu, cpu=cpu,
@@ -378,20 +380,34 @@ def grouped_swiglu(sorted_x: jax.Array, experts: ExpertWeights, group_sizes: jax
     return checkpoint_name(out, "moe_expert_out")
 
 
+def slot_major(indices: jax.Array) -> jax.Array:
+    """`[N, k]` -> `[k * N]`: assignment j * N + n is choice j of token n. Rows in this order
+    split into `[k, N, d]` by a free reshape of the major dim; token-major rows (`[N * k, d]`
+    -> `[N, k, d]`) would be re-tiled on TPU, a copy of every row in each pass."""
+    return indices.T.reshape(-1)
+
+
+def combine_slot_major(rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """rows `[k * N, d]` in `slot_major` order, weights `[N, k]` -> `[N, d]`: each token's
+    expert outputs summed with its gate weights."""
+    top_k = weights.shape[1]
+    rows = rows.reshape(top_k, -1, rows.shape[-1])
+    return jnp.einsum("knd,nk->nd", rows, weights.astype(rows.dtype))
+
+
 def dropless_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array,
                       experts: ExpertWeights) -> jax.Array:
-    """Sort by expert, grouped matmuls with `ragged_dot`, unsort.
+    """Sort the assignments (slot-major) by expert, grouped matmuls, unsort, combine.
 
     Args: x `[N, d]`, weights/indices `[N, k]`. Returns y `[N, d]`.
     """
     w1, w3, w2 = experts
-    num_tokens, top_k = indices.shape
+    num_tokens = indices.shape[0]
     num_experts = w1.shape[0]
-    flat_expert = indices.reshape(-1)
+    flat_expert = slot_major(indices)
     order = jnp.argsort(flat_expert, stable=True)
-    sorted_x = take_rows(x, order // top_k)  # [N*k, d]
+    sorted_x = take_rows(x, order % num_tokens)  # [k*N, d]
     group_sizes = gating.count_per_value(flat_expert, num_experts)
-    sorted_out = grouped_swiglu(sorted_x, experts, group_sizes, all_rows_grouped=True)
+    sorted_out = grouped_swiglu(sorted_x, experts, group_sizes, mask_rows=False)
     out = jnp.zeros_like(sorted_out).at[order].set(sorted_out, unique_indices=True)
-    out = out.reshape(num_tokens, top_k, -1)
-    return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))
+    return combine_slot_major(out, weights)
