@@ -31,7 +31,7 @@ The default layout is pure FSDP over all devices (`mesh.fsdp=-1`, experts replic
 dropless dispatch local to each chip) with 7 micro-batches of 160 sequences (5 per chip on 32
 chips). Fit the batch to the hardware with `--config.train.grad_accum_steps=K` (the global
 batch stays 1120) and the mesh with `--config.mesh.*` (e.g. `--config.mesh.fsdp=4
---config.mesh.expert=8 --config.train.grad_accum_steps=35` for expert parallelism).
+--config.mesh.expert=8 --config.train.grad_accum_steps=7` for expert parallelism).
 """
 
 from rmoe_jax.config import default_config

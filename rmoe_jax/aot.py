@@ -3,7 +3,7 @@
     # a TPU pod slice, compiled on this CPU by libtpu (`pip install libtpu==0.0.42.1`):
     python -m rmoe_jax.aot --config configs/llama_0p91b.py --topology v5p:4x4x2 \
         --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.expert=8 \
-        --config.train.grad_accum_steps=35 [--steps train,eval,decode]
+        --config.train.grad_accum_steps=7 [--steps train,eval,decode]
     # 8 fake CPU devices:
     python -m rmoe_jax.aot --config configs/llama_0p91b.py --cpu_devices 8 \
         --config.mesh.fsdp=8 --config.mesh.data=1 --config.train.grad_accum_steps=140
