@@ -277,3 +277,29 @@ def test_tpu_row_gather_has_no_fill_select():
     rows = np.array([5, 0, 0, 3], np.int32)
     np.testing.assert_array_equal(np.asarray(dispatch.take_rows(jnp.asarray(values), jnp.asarray(rows))),
                                   values[rows])
+
+
+@needs_libtpu
+def test_tpu_rope_writes_no_float32_copies_of_q_and_k():
+    """On TPU the attention block (RoPE, splash) compiles without float32 copies of q or k
+    (`[batch, seq, heads, head_dim]` in another layout), forward or backward: `rotary_embedding`
+    computes head-major, in the splash kernel's layout (`transformer._rope_head_major`)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from rmoe_jax.model.transformer import Attention
+
+    batch, seq, d_model, heads = 2, 1024, 256, 4
+    attention = Attention(num_heads=heads, num_kv_heads=heads, head_dim=64, dtype=jnp.bfloat16)
+    device = SingleDeviceSharding(topology_devices("v6e:2x2")[0])
+    x = jax.ShapeDtypeStruct((batch, seq, d_model), jnp.bfloat16, sharding=device)
+    positions = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=device)
+    params = jax.eval_shape(attention.init, jax.random.key(0), x, positions)
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=device), params)
+
+    def objective(params, x, positions):
+        return jnp.sum(attention.apply(params, x, positions).astype(jnp.float32) ** 2)
+
+    text = jax.jit(jax.grad(objective, argnums=(0, 1))).lower(params, x, positions).compile().as_text()
+    assert "tpu_custom_call" in text  # the splash kernel
+    copies = re.findall(r"= f32\[2,(?:1024,4|4,1024),64\]\{[^}]*\} copy\(", text)
+    assert not copies, copies

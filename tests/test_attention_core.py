@@ -89,3 +89,25 @@ def test_both_rotate_half_forms_equal_numpy_exactly(dtype):
         got = np.asarray(form(x))
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, expected, err_msg=form.__name__)
+
+
+@pytest.mark.parametrize("form", ["token_major", "head_major"])
+def test_rope_forms_equal_the_equations(form):
+    """Both RoPE forms (token-major with split and concatenate: CPU and GPU; head-major with
+    the rotation matmul: TPU) give x_j cos(p w_j) + rotate_half(x)_j sin(p w_j), computed here
+    in NumPy from HF Llama's definition (w_j = theta^(-2j/d), j paired with j + d/2)."""
+    import functools
+
+    from rmoe_jax.model.transformer import _rope, _rope_head_major, _rotate_half
+    batch, seq, heads, head_dim, theta = 2, 7, 3, 64, 500.0
+    x = np.random.default_rng(5).standard_normal((batch, seq, heads, head_dim)).astype(np.float32)
+    positions = np.stack([np.arange(seq), np.arange(seq) + 11])  # [batch, seq]
+    freq = theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    angle = positions[..., None] * np.concatenate([freq, freq])  # [batch, seq, head_dim]
+    rotated = np.concatenate([-x[..., head_dim // 2:], x[..., :head_dim // 2]], axis=-1)
+    expected = x * np.cos(angle)[:, :, None] + rotated * np.sin(angle)[:, :, None]
+    rope = (_rope_head_major if form == "head_major"
+            else functools.partial(_rope, rotate_half=_rotate_half))
+    got = rope(jnp.asarray(x), jnp.asarray(angle[:, :, None, :], jnp.float32))
+    assert got.shape == x.shape
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)

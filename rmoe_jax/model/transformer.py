@@ -16,6 +16,9 @@ token, so it needs no state across decode steps. See `rmoe_jax/model/decode.py`.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,6 +92,24 @@ def _rotate_half_matmul(x: jax.Array) -> jax.Array:
                       precision=precision, preferred_element_type=jnp.float32)
 
 
+def _rope(x: jax.Array, angles: jax.Array, rotate_half: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """x * cos + rotate_half(x) * sin in float32, back in x's dtype. x `[batch, seq, heads,
+    head_dim]`, angles `[batch, seq, 1, head_dim]`."""
+    rotated = rotate_half(x)
+    return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _rope_head_major(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """`_rope` computed on `[batch, heads, seq, head_dim]`, the layout the splash kernel reads
+    (`attention_core._local_splash` transposes q and k to it; the transposes cancel). In the
+    token-major form XLA:TPU wrote float32 copies of q and k to change their layout, four per
+    layer and pass; head-major it writes none: the 0.91B attention block's forward and
+    backward on a v6e chip moves 4.60 against 5.51 GB (AOT, 5 x 4096 tokens)."""
+    heads_first = (0, 2, 1, 3)
+    return _rope(x.transpose(heads_first), angles.transpose(heads_first),
+                 _rotate_half_matmul).transpose(heads_first)
+
+
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """RoPE in HF Llama's `rotate_half` layout (pairs dim j with j + head_dim/2), in float32.
 
@@ -98,8 +119,8 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, s, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    rotated = jax.lax.platform_dependent(x, tpu=_rotate_half_matmul, default=_rotate_half)
-    return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return jax.lax.platform_dependent(x, angles, tpu=_rope_head_major,
+                                      default=functools.partial(_rope, rotate_half=_rotate_half))
 
 
 class Attention(nn.Module):
