@@ -7,6 +7,8 @@
     # 8 fake CPU devices:
     python -m rmoe_jax.aot --config configs/llama_0p91b.py --cpu_devices 8 \
         --config.mesh.fsdp=8 --config.mesh.data=1 --config.train.grad_accum_steps=140
+    # where one layer's bytes go (its parts compiled alone on one chip; rmoe_jax.layer_parts):
+    python -m rmoe_jax.aot --config configs/llama_0p91b.py --topology v6e:4x8 --steps parts
 
 Lowers and compiles with abstract inputs (`jax.ShapeDtypeStruct`s carrying shardings): nothing
 is allocated. Prints, per step, the per-chip argument / temp / output memory against the chip's
@@ -21,6 +23,7 @@ fails before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import re
@@ -36,7 +39,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Compile for this many (fake) CPU devices.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology, e.g. v5p:2x2x1 or v6e:4x4.")
 _STEPS = flags.DEFINE_list("steps", ["train", "eval", "decode"],
-                           "Which steps to compile: train, eval, decode (one KV-cache token).")
+                           "Which steps to compile: train, eval, decode (one KV-cache token); parts: where one "
+                           "layer's bytes go (rmoe_jax.layer_parts).")
 _LOOP_COSTS = flags.DEFINE_bool(
     "loop_costs", True, "FLOPs/bytes with every layer and micro-batch counted (extra small "
     "unrolled compiles, see scaled_costs); off: XLA's numbers for the real step (loops once).")
@@ -236,6 +240,38 @@ def scaled_costs(config, mesh, name: str) -> tuple[float, float]:
     return flops, bytes_accessed
 
 
+def layer_gradient_costs(config, mesh) -> tuple[float, float]:
+    """GB and GFLOP per device of one layer's share of one micro-batch's gradient: G(2) - G(1)
+    of `scaled_costs` (forward, rematerialisation and backward of one decoder layer)."""
+    accum = int(config.train.grad_accum_steps)
+    base = {"train.grad_accum_steps": 1, "train.batch_size": int(config.train.batch_size) // accum}
+    one, two = (_costs(_compile_one(_variant(config, **base, **{"model.num_layers": n,
+                                                                "model.scan_unroll": n}),
+                                    mesh, "train", identity_optimizer=True)) for n in (1, 2))
+    return (two[1] - one[1]) / 1e9, (two[0] - one[0]) / 1e9
+
+
+def print_layer_parts(config, devices, *, with_layer: bool = True) -> None:
+    """`--steps parts`: the table of `layer_parts` for one chip's share of one micro-batch, and
+    the whole layer's gradient on the config's mesh to compare it with."""
+    from rmoe_jax import layer_parts, parallel
+
+    mesh = parallel.make_mesh(config.mesh, devices)
+    shards = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES if axis in mesh.shape)
+    micro_batch = int(config.train.batch_size) // int(config.train.grad_accum_steps)
+    if micro_batch % shards:
+        raise ValueError(f"train.batch_size / train.grad_accum_steps = {micro_batch} sequences do "
+                         f"not split over the {shards} batch shards of the mesh")
+    sequences = micro_batch // shards
+    parts = layer_parts.part_costs(config.model, sequences, int(config.data.seq_len), devices[0])
+    layer = layer_gradient_costs(config, mesh) if with_layer else (None, None)
+    remat = config.model.get("remat_policy", "none") != "none"
+    print(f"\none layer, {sequences} x {config.data.seq_len} tokens per chip (one micro-batch), "
+          f"remat {config.model.get('remat_policy', 'none')}, XLA's cost analysis on "
+          f"{devices[0].device_kind}:")
+    print(layer_parts.format_parts(parts, remat=remat, layer_gb=layer[0], layer_gflop=layer[1]))
+
+
 def compile_steps(config, devices, steps=("train", "eval"), *, loop_costs: bool = True) -> list[StepReport]:
     """Lower and compile the steps of `config` over `devices` (abstract inputs, nothing allocated).
 
@@ -374,7 +410,11 @@ def main(argv):
         devices = jax.devices()
         chip = chip_for(devices[0].device_kind)
     device_kind = devices[0].device_kind
-    steps = tuple(_STEPS.value)
+    steps = tuple(name for name in _STEPS.value if name != "parts")
+    if "parts" in _STEPS.value:
+        print_layer_parts(config, devices)
+        if not steps:
+            return 0
     tokens = {name: step_tokens(config, name) for name in steps}
     reports = []
     for name in steps:  # progress on stderr as each step compiles (0.91B steps take minutes)

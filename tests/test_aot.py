@@ -303,3 +303,35 @@ def test_tpu_rope_writes_no_float32_copies_of_q_and_k():
     assert "tpu_custom_call" in text  # the splash kernel
     copies = re.findall(r"= f32\[2,(?:1024,4|4,1024),64\]\{[^}]*\} copy\(", text)
     assert not copies, copies
+
+
+@needs_libtpu
+def test_layer_parts_count_the_math_they_compile(capsys):
+    """`--steps parts`: the grouped experts' compiled FLOPs are the SwiGLU's own math (megablox
+    counts 2 m k n per matmul, the backward twice that; 1024 rows fill its row tiles exactly), the row gather writes at
+    least its k x tokens rows, every gradient costs more than its forward, and the CLI's table
+    names every part."""
+    from rmoe_jax import layer_parts
+
+    config = small_config(**{"mesh.expert": 1, "mesh.fsdp": 4, "train.batch_size": 16,
+                             "train.grad_accum_steps": 4})
+    model = config.model
+    sequences, seq_len = 8, 64  # 512 tokens x top-2 = 1024 rows
+    devices = topology_devices("v5p:2x2x1")
+    parts = {p.name.strip(): p for p in layer_parts.part_costs(model, sequences, seq_len, devices[0])}
+    rows, d_model, hidden = 2 * sequences * seq_len, model.d_model, model.moe.expert_hidden
+    swiglu_gflop = (2 * rows * d_model * 2 * hidden + 2 * rows * hidden * d_model) / 1e9
+    experts = parts["of which the experts (grouped SwiGLU)"]
+    # On top of the matmuls: the SwiGLU's elementwise silu and product (a few % at d = 64).
+    assert swiglu_gflop <= experts.forward_gflop <= 1.05 * swiglu_gflop
+    assert 3 * swiglu_gflop <= experts.gradient_gflop <= 1.05 * 3 * swiglu_gflop
+    gather = parts["of which the dispatch row gather"]
+    assert gather.gradient_gb is None and gather.forward_gb >= rows * d_model * 2 / 1e9
+    for part in parts.values():
+        if part.gradient_gb is not None:
+            assert part.gradient_gb > part.forward_gb > 0, part
+    aot.print_layer_parts(config, devices, with_layer=False)
+    table = capsys.readouterr().out
+    assert "1 x 64 tokens per chip" in table  # 16 sequences over 4 chips, 4 micro-batches
+    for name in ("attention block", "MoE block", "of which the router"):
+        assert f"| {name} |" in table or f"|   {name} |" in table
