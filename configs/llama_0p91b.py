@@ -92,7 +92,7 @@ def get_config(source: str = "c4"):
         data.heldout_fraction = 0.0005  # of a corpus of millions of documents
 
     # Pure FSDP over every device, 7 micro-batches of 160: the fastest layout measured for 32
-    # chips (README, "0.91B on v5p:4x4x2"; v5p and v6e). The micro-batch must divide over
+    # chips (README, "0.91B on 32 chips"; v5p and v6e). The micro-batch must divide over
     # the chips (160 over 32); --config.mesh.* and --config.train.grad_accum_steps refit it.
     mesh = config.mesh
     mesh.data, mesh.fsdp, mesh.expert, mesh.tensor = 1, -1, 1, 1

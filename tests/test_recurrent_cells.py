@@ -60,7 +60,8 @@ def test_cell_matches_torch(cell):
 
 
 def test_torch_init_bounds():
-    params = recurrent.CellParams("gru", 8, 16, init="torch").init_with_output(jax.random.key(0))[0]
+    cell = recurrent.CellParams("gru", 8, 16, init_scheme="torch")
+    params = cell.init_with_output(jax.random.key(0))[0]
     bound = 1.0 / np.sqrt(16)
     for leaf in jax.tree.leaves(params):
         assert np.abs(np.asarray(leaf)).max() <= bound

@@ -174,3 +174,36 @@ def test_shared_expert_mix_matches_numpy():
     expected = 0.7 * routed + 0.3 * shared
     assert np.std(routed) > 0.5 and np.std(shared) > 0.5
     np.testing.assert_allclose(np.asarray(y).reshape(tokens.shape), expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("init", ["normal", "torch"])
+@pytest.mark.parametrize("router", ["linear", "mlp", "random", "cosine", "xmoe", "hyper", "recurrent"])
+def test_every_router_initialises_alone(router, init):
+    """A router from `build_router` initialises and runs as a module of its own (what `aot
+    --steps parts` compiles): it creates the params the model's router has (per layer), and
+    `router.init` reaches it (torch's U(+-1/sqrt(fan_in)) is ~5x wider than N(0, 0.02))."""
+    from rmoe_jax.model import routers
+
+    cfg = small_model(router, **{"router.init": init})
+    model_params = jax.eval_shape(build_model(cfg).init, jax.random.key(0),
+                                  np.zeros((2, 8), np.int32))["params"]
+    per_layer = jax.tree.map(lambda a: a.shape[1:], model_params["layers"]["moe"]["router"])
+    tokens, num_experts = 16, cfg.moe.num_experts
+    x = np.random.default_rng(0).normal(size=(tokens, cfg.d_model)).astype(np.float32)
+    state = np.zeros((tokens, routers.router_state_size(cfg.router)), np.float32)
+    shared = {}
+    if router == "recurrent":
+        shared_module = routers.SharedRouterParams(cfg.router, cfg.d_model, cfg.init_std)
+        shared = shared_module.apply(shared_module.init(jax.random.key(1)))
+    module = routers.build_router(cfg.router, num_experts, cfg.init_std)
+    params = module.init(jax.random.key(2), x, state, shared)["params"]
+    assert jax.tree.map(np.shape, params) == per_layer
+    logits, _ = module.apply({"params": params}, x, state, shared)
+    assert logits.shape == (tokens, num_experts) and np.all(np.isfinite(logits))
+    if router in ("linear", "mlp"):  # the routers whose kernels follow router.init
+        kernel = np.asarray(params["gate"]["kernel"])
+        fan_in = kernel.shape[0]
+        if init == "torch":
+            assert 0.5 / math.sqrt(fan_in) < np.abs(kernel).max() <= 1 / math.sqrt(fan_in)
+        else:
+            assert np.abs(kernel).max() < 0.1

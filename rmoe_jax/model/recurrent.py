@@ -102,20 +102,20 @@ def _torch_uniform(bound: float):
 class CellParams(nn.Module):
     """Creates the one set of cell parameters shared by every layer and returns them.
 
-    init: 'torch' = PyTorch's default U(-1/sqrt(p), 1/sqrt(p)) for weights and biases (the
+    init_scheme: 'torch' = PyTorch's default U(-1/sqrt(p), 1/sqrt(p)) for weights and biases (the
     enwik8 code); 'normal' = N(0, init_std) weights and zero biases (the 0.91B run).
     """
 
     cell: str
     input_size: int
     hidden_size: int
-    init: str = "normal"
+    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
     init_std: float = 0.02
 
     @nn.compact
     def __call__(self) -> Params:
         width = NUM_GATES[self.cell] * self.hidden_size
-        if self.init == "torch":
+        if self.init_scheme == "torch":
             weight_init = bias_init = _torch_uniform(1.0 / math.sqrt(self.hidden_size))
         else:
             weight_init, bias_init = nn.initializers.normal(self.init_std), nn.initializers.zeros

@@ -56,12 +56,13 @@ class LinearRouter(nn.Module):
 
     num_experts: int
     use_bias: bool = False
-    init: str = "normal"
+    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
     init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x, router_state, shared):
-        gate = dense(self.num_experts, self.use_bias, self.init, self.init_std, x.shape[-1], "gate")
+        gate = dense(self.num_experts, self.use_bias, self.init_scheme, self.init_std, x.shape[-1],
+                     "gate")
         return gate(x.astype(jnp.float32)), router_state
 
 
@@ -71,15 +72,16 @@ class MLPRouter(nn.Module):
     num_experts: int
     hidden: int = 256
     use_bias: bool = False
-    init: str = "normal"
+    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
     init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x, router_state, shared):
         x = x.astype(jnp.float32)
-        h = dense(self.hidden, True, self.init, self.init_std, x.shape[-1], "hidden")(x)
+        h = dense(self.hidden, True, self.init_scheme, self.init_std, x.shape[-1], "hidden")(x)
         h = nn.gelu(h, approximate=False)
-        out = dense(self.num_experts, self.use_bias, self.init, self.init_std, self.hidden, "gate")
+        out = dense(self.num_experts, self.use_bias, self.init_scheme, self.init_std, self.hidden,
+                    "gate")
         return out(h), router_state
 
 
@@ -106,14 +108,16 @@ class CosineHead(nn.Module):
     num_experts: int
     project_dim: int = 0
     temperature_init: float = 0.07
-    init: str = "normal"
+    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
     init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32)
         if self.project_dim:
-            x = dense(self.project_dim, False, self.init, self.init_std, x.shape[-1], "down")(x)
+            down = dense(self.project_dim, False, self.init_scheme, self.init_std, x.shape[-1],
+                         "down")
+            x = down(x)
         embed_init = nn.initializers.normal(self.init_std)
         experts = self.param("expert_embedding", embed_init, (self.num_experts, x.shape[-1]))
         logit_scale = self.param("logit_scale", nn.initializers.constant(
@@ -132,13 +136,13 @@ class CosineRouter(nn.Module):
     num_experts: int
     project_dim: int = 0
     temperature_init: float = 0.07
-    init: str = "normal"
+    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
     init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x, router_state, shared):
-        head = CosineHead(self.num_experts, self.project_dim, self.temperature_init, self.init,
-                          self.init_std, name="head")
+        head = CosineHead(self.num_experts, self.project_dim, self.temperature_init,
+                          self.init_scheme, self.init_std, name="head")
         return head(x), router_state
 
 
@@ -252,15 +256,16 @@ def build_router(router: ml_collections.ConfigDict, num_experts: int, init_std: 
     """The router module named by `router.name`."""
     common = dict(num_experts=num_experts, init_std=init_std, name=name)
     if router.name == "linear":
-        return LinearRouter(use_bias=router.bias, init=router.init, **common)
+        return LinearRouter(use_bias=router.bias, init_scheme=router.init, **common)
     if router.name == "mlp":
-        return MLPRouter(hidden=router.mlp_hidden, use_bias=router.bias, init=router.init, **common)
+        return MLPRouter(hidden=router.mlp_hidden, use_bias=router.bias, init_scheme=router.init,
+                         **common)
     if router.name == "random":
         return RandomRouter(**common)
     if router.name in ("cosine", "xmoe"):
         project_dim = router.xmoe_dim if router.name == "xmoe" else 0
         return CosineRouter(project_dim=project_dim, temperature_init=router.temperature_init,
-                            init=router.init, **common)
+                            init_scheme=router.init, **common)
     if router.name == "hyper":
         return HyperRouter(embed_dim=router.hyper_embed_dim, hidden=router.hyper_hidden, **common)
     if router.name == "recurrent":
