@@ -200,8 +200,9 @@ def test_every_router_initialises_alone(router, init):
     assert jax.tree.map(np.shape, params) == per_layer
     logits, _ = module.apply({"params": params}, x, state, shared)
     assert logits.shape == (tokens, num_experts) and np.all(np.isfinite(logits))
-    if router in ("linear", "mlp"):  # the routers whose kernels follow router.init
-        kernel = np.asarray(params["gate"]["kernel"])
+    followers = {"linear": ("gate",), "mlp": ("gate",), "xmoe": ("head", "down")}
+    if router in followers:  # the routers whose kernels follow router.init
+        kernel = np.asarray(functools.reduce(dict.__getitem__, followers[router], params)["kernel"])
         fan_in = kernel.shape[0]
         if init == "torch":
             assert 0.5 / math.sqrt(fan_in) < np.abs(kernel).max() <= 1 / math.sqrt(fan_in)

@@ -109,7 +109,7 @@ class CellParams(nn.Module):
     cell: str
     input_size: int
     hidden_size: int
-    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
+    init_scheme: str = "normal"  # `model.router.init` (`init` would hide Module.init)
     init_std: float = 0.02
 
     @nn.compact

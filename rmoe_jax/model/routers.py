@@ -7,7 +7,9 @@ One interface for all: `router(x, router_state, shared) -> (logits, new_router_s
                created outside the layer scan by `SharedRouterParams`, empty otherwise
   logits       `[tokens, num_experts]` float32
 Stateless routers return the state untouched, so one decoder layer serves every router.
-Router math runs in float32 whatever the model's compute dtype.
+Router math runs in float32 whatever the model's compute dtype. The `model.router.init` choice
+is the modules' `init_scheme` field: a field named `init` would hide flax's `Module.init`, and
+a router could not be initialised on its own (as `aot --steps parts` does).
 
 Their facts (axes, weight decay, frozen, export names) are in `rmoe_jax.param_table`; params named
 `frozen_*` are the ones it marks frozen (never updated by the optimizer).
@@ -56,7 +58,7 @@ class LinearRouter(nn.Module):
 
     num_experts: int
     use_bias: bool = False
-    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
+    init_scheme: str = "normal"
     init_std: float = 0.02
 
     @nn.compact
@@ -72,7 +74,7 @@ class MLPRouter(nn.Module):
     num_experts: int
     hidden: int = 256
     use_bias: bool = False
-    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
+    init_scheme: str = "normal"
     init_std: float = 0.02
 
     @nn.compact
@@ -108,7 +110,7 @@ class CosineHead(nn.Module):
     num_experts: int
     project_dim: int = 0
     temperature_init: float = 0.07
-    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
+    init_scheme: str = "normal"
     init_std: float = 0.02
 
     @nn.compact
@@ -136,7 +138,7 @@ class CosineRouter(nn.Module):
     num_experts: int
     project_dim: int = 0
     temperature_init: float = 0.07
-    init_scheme: str = "normal"  # not `init`: a field of that name hides Module.init
+    init_scheme: str = "normal"
     init_std: float = 0.02
 
     @nn.compact
